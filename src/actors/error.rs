@@ -1,0 +1,81 @@
+//! Errors an entity call can end in.
+//!
+//! One enum for the whole actor layer, serialisable so that it crosses peer links
+//! unchanged. [`ActorError::code`] and [`ActorError::status`] answer the one policy
+//! question every caller has: which contract error is this?
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::StorageError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ActorError {
+    /// No user with that id (or handle).
+    #[error("unknown user")]
+    UnknownUser,
+    /// No conversation with that id.
+    #[error("unknown conversation")]
+    UnknownConversation,
+    /// The caller is not a member of the conversation.
+    #[error("not a member of this conversation")]
+    NotMember,
+    /// Missing, forged, expired or revoked token.
+    #[error("invalid, expired or revoked token")]
+    Unauthorized,
+    /// Wrong handle or password; deliberately the same for both.
+    #[error("wrong handle or password")]
+    InvalidCredentials,
+    /// The handle belongs to someone else.
+    #[error("handle is already taken")]
+    HandleTaken,
+    /// The request breaks a rule of the contract; the text says which.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The entity's actor or node did not answer in time. Safe to retry: every write
+    /// is idempotent.
+    #[error("the owner of this entity is unavailable")]
+    Unavailable,
+    /// The disk refused a read or write; nothing was acked.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// A bug or an invariant broken; logged.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ActorError {
+    /// The contract's snake_case error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ActorError::UnknownUser => "unknown_user",
+            ActorError::UnknownConversation => "unknown_conversation",
+            ActorError::NotMember => "not_member",
+            ActorError::Unauthorized => "unauthorized",
+            ActorError::InvalidCredentials => "invalid_credentials",
+            ActorError::HandleTaken => "handle_taken",
+            ActorError::BadRequest(_) => "bad_request",
+            ActorError::Unavailable => "owner_unavailable",
+            ActorError::Storage(_) => "storage_error",
+            ActorError::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status the contract gives this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ActorError::UnknownUser | ActorError::UnknownConversation => 404,
+            ActorError::NotMember => 403,
+            ActorError::Unauthorized | ActorError::InvalidCredentials => 401,
+            ActorError::HandleTaken => 409,
+            ActorError::BadRequest(_) => 400,
+            ActorError::Unavailable => 503,
+            ActorError::Storage(_) | ActorError::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<StorageError> for ActorError {
+    fn from(e: StorageError) -> Self {
+        ActorError::Storage(e.to_string())
+    }
+}

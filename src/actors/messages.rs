@@ -1,0 +1,203 @@
+//! The messages entity actors understand.
+//!
+//! Plain data only (ids, seqs, strings, records): no `Addr`, nothing tied to this
+//! process, so every request and reply can cross a peer link as is. Each entity kind has
+//! one request enum and one reply enum; the typed helpers in [`crate::actors::calls`]
+//! hide the matching.
+
+use std::sync::Arc;
+
+use actix::Message;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::ActorError;
+use crate::ids::{ConversationId, UserId};
+use crate::storage::{ConversationKind, InboxEntry, MessageRecord, UserConversation, Watermarks};
+
+/// SHA-256 of a token: how tokens are named everywhere but in the client's hands.
+pub type TokenHash = [u8; 32];
+
+/// Where a WebSocket session lives: its node and its id there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionRef {
+    pub node: String,
+    pub id: u64,
+}
+
+/// Which watermark a receipt moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiptStatus {
+    Delivered,
+    Read,
+}
+
+/// What an entity pushes to a live session.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub enum SessionEvent {
+    /// The next entry of the user's inbox.
+    Inbox {
+        inbox_seq: u64,
+        message: Arc<MessageRecord>,
+    },
+    /// Another member's watermark rose.
+    Receipt {
+        conversation_id: ConversationId,
+        user_id: UserId,
+        status: ReceiptStatus,
+        seq: u64,
+    },
+    /// The session must end (token revoked, too slow).
+    Close { code: u16, reason: String },
+}
+
+/// A user's public profile, as `GET /users/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserProfile {
+    pub user_id: UserId,
+    pub handle: String,
+    pub display_name: String,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+}
+
+/// What the User actor does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum UserRequest {
+    /// Creates the user; its handle is already claimed for it.
+    Create {
+        handle: String,
+        display_name: String,
+        password_hash: String,
+    },
+    /// Checks the password and issues a token.
+    Login {
+        password: String,
+    },
+    /// Is this token valid now?
+    Authenticate {
+        token: TokenHash,
+    },
+    /// Revokes the token and closes the sessions opened with it.
+    Logout {
+        token: TokenHash,
+    },
+    Profile,
+    /// A WebSocket session opened with `token`.
+    Attach {
+        session: SessionRef,
+        token: TokenHash,
+    },
+    Detach {
+        session: SessionRef,
+    },
+    /// The next page of the inbox after `after`; when it reaches the head, the session
+    /// goes live and receives every later entry as it is appended.
+    SyncPage {
+        session: SessionRef,
+        after: u64,
+        limit: usize,
+    },
+    /// Appends a conversation's messages to the inbox. Idempotent: messages at or below
+    /// the conversation's head are skipped, and nothing past a gap is taken.
+    AppendInbox {
+        conversation_id: ConversationId,
+        kind: ConversationKind,
+        members: Vec<UserId>,
+        messages: Vec<Arc<MessageRecord>>,
+    },
+    Conversations,
+    /// Pushes an event to every live session of the user.
+    Notify {
+        event: SessionEvent,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum UserReply {
+    Profile(UserProfile),
+    Token {
+        token: String,
+        expires_at: i64,
+    },
+    Done,
+    Page {
+        entries: Vec<(u64, InboxEntry)>,
+        /// Set when the page reached the head: the session is live after this seq.
+        live_head: Option<u64>,
+    },
+    /// The conversation's head in this inbox, durable.
+    Appended {
+        head: u64,
+    },
+    Conversations(Vec<UserConversation>),
+}
+
+/// What the Conversation actor does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ConversationRequest {
+    /// Stores a message; the reply is the ack, sent once the message is on disk.
+    Post {
+        sender: UserId,
+        client_msg_id: Uuid,
+        body: String,
+        media: Vec<Uuid>,
+        /// For a direct conversation's first message: the other user, already checked
+        /// to exist by the caller.
+        direct_peer: Option<UserId>,
+    },
+    /// Raises a member's delivered or read watermark.
+    Mark {
+        user: UserId,
+        status: ReceiptStatus,
+        seq: u64,
+    },
+    History {
+        user: UserId,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+    },
+    Receipts {
+        user: UserId,
+    },
+    /// The conversation as `user` sees it in `GET /conversations`.
+    View {
+        user: UserId,
+    },
+    /// Wakes the actor so it resumes a fan-out left pending by a restart.
+    Resume,
+}
+
+/// The answer to a `send`, as the `ack` frame carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub client_msg_id: Uuid,
+    pub message_id: Uuid,
+    pub conversation_id: ConversationId,
+    pub seq: u64,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ConversationReply {
+    Ack(Ack),
+    Done,
+    Messages(Vec<MessageRecord>),
+    Receipts(Vec<(UserId, Watermarks)>),
+    View {
+        last_seq: u64,
+        watermarks: Watermarks,
+    },
+}
+
+/// Envelope that delivers a [`UserRequest`] to a User actor.
+#[derive(Clone, Message)]
+#[rtype(result = "Result<UserReply, ActorError>")]
+pub struct UserCall(pub UserRequest);
+
+/// Envelope that delivers a [`ConversationRequest`] to a Conversation actor.
+#[derive(Clone, Message)]
+#[rtype(result = "Result<ConversationReply, ActorError>")]
+pub struct ConversationCall(pub ConversationRequest);

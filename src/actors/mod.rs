@@ -1,0 +1,30 @@
+//! Entity actors and how they are reached.
+//!
+//! - [`UserActor`] (`user.rs`): a user's profile, tokens, inbox, sessions, presence.
+//! - [`ConversationActor`] (`conversation.rs`): a conversation's sequence, idempotency,
+//!   watermarks and fan-out.
+//! - [`Registry`] (`registry.rs`): starts entity actors on first use, lets idle ones
+//!   stop, and restarts dead ones from storage on their next call.
+//! - [`Route`] (`route.rs`): the trait through which anything reaches an entity by id,
+//!   wherever it lives; `net` implements it.
+//! - `messages.rs`: the plain-data requests and replies; `sequence.rs`: the pure
+//!   ordering logic (idempotent inbox append, in-order emission); `auth.rs`: passwords
+//!   and tokens.
+//!
+//! This layer uses `storage` for persistence and knows nothing of sockets or JSON.
+
+pub mod auth;
+mod conversation;
+mod error;
+mod messages;
+mod registry;
+mod route;
+pub mod sequence;
+mod user;
+
+pub use conversation::{read_messages, ConversationActor};
+pub use error::ActorError;
+pub use messages::*;
+pub use registry::Registry;
+pub use route::{Call, Delivery, Route};
+pub use user::{UserActor, MAX_SYNC_PAGE};

@@ -1,0 +1,166 @@
+//! The registry: one live actor per entity on this node, started on first use.
+//!
+//! Supervision here means "restart from storage on the next message": an entity actor
+//! keeps nothing that is not on disk or re-derivable, so when one stops (idle
+//! passivation, a crash, a chaos kill) the registry simply starts a fresh one the next
+//! time the entity is called. Idle actors stop themselves, so memory follows the active
+//! set, not the total number of users and conversations.
+//!
+//! Entity actors run on a small pool of arbiters (threads), chosen by hashing the id, so
+//! one busy entity never blocks the HTTP workers. The registry is a locked map rather
+//! than an actor of its own: a lookup is a hash-map read, and making it an actor would
+//! put one mailbox in front of every call on the node.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use actix::{Actor, Addr, Arbiter, ArbiterHandle};
+
+use super::conversation::ConversationActor;
+use super::error::ActorError;
+use super::route::Route;
+use super::user::UserActor;
+use crate::config::Limits;
+use crate::ids::{ConversationId, UserId};
+use crate::metrics::metrics;
+use crate::storage::Store;
+
+/// What every entity actor on this node shares.
+pub struct Registry {
+    store: Store,
+    limits: Arc<Limits>,
+    route: OnceLock<Weak<dyn Route>>,
+    arbiters: Vec<ArbiterHandle>,
+    users: Mutex<HashMap<UserId, Addr<UserActor>>>,
+    conversations: Mutex<HashMap<ConversationId, Addr<ConversationActor>>>,
+}
+
+impl Registry {
+    /// Creates the registry and its arbiter pool. Must run inside an actix system.
+    pub fn new(store: Store, limits: Limits, threads: usize) -> Arc<Self> {
+        let arbiters = (0..threads.max(1))
+            .map(|_| Arbiter::new().handle())
+            .collect();
+        Arc::new(Registry {
+            store,
+            limits: Arc::new(limits),
+            route: OnceLock::new(),
+            arbiters,
+            users: Mutex::new(HashMap::new()),
+            conversations: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Wires the router in; called once, right after both exist.
+    pub fn set_route(&self, route: Weak<dyn Route>) {
+        let _ = self.route.set(route);
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The router, while the node runs.
+    pub fn route(&self) -> Option<Arc<dyn Route>> {
+        self.route.get().and_then(Weak::upgrade)
+    }
+
+    /// The user's actor, started if it is not running.
+    pub fn user(self: &Arc<Self>, id: UserId) -> Addr<UserActor> {
+        let arbiter = self.arbiter_for(id.as_bytes());
+        let registry = Arc::clone(self);
+        get_or_start(&self.users, id, "user", move || {
+            UserActor::start_in_arbiter(&arbiter, move |_| UserActor::load(id, registry))
+        })
+    }
+
+    /// The conversation's actor, started if it is not running.
+    pub fn conversation(self: &Arc<Self>, id: ConversationId) -> Addr<ConversationActor> {
+        let arbiter = self.arbiter_for(id.as_bytes());
+        let registry = Arc::clone(self);
+        get_or_start(&self.conversations, id, "conversation", move || {
+            ConversationActor::start_in_arbiter(&arbiter, move |_| {
+                ConversationActor::load(id, registry)
+            })
+        })
+    }
+
+    /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.
+    /// Handles are entities with no state beyond their owner, so a compare-and-swap at
+    /// their home node is all the "actor" they need.
+    pub async fn claim_handle(
+        &self,
+        handle: &str,
+        user: UserId,
+    ) -> Result<Option<UserId>, ActorError> {
+        let owner = self.store.claim_handle(handle, user)?;
+        self.store.commit(1).await?;
+        Ok(owner)
+    }
+
+    pub fn release_handle(&self, handle: &str, user: UserId) -> Result<(), ActorError> {
+        Ok(self.store.release_handle(handle, user)?)
+    }
+
+    pub fn resolve_handle(&self, handle: &str) -> Result<Option<UserId>, ActorError> {
+        Ok(self.store.handle_owner(handle)?)
+    }
+
+    /// Conversations whose fan-out was still pending when the node last stopped.
+    pub fn pending_fanouts(&self) -> Result<Vec<ConversationId>, ActorError> {
+        Ok(self.store.pending_fanouts()?)
+    }
+
+    /// The disk's last failure, while it keeps failing (for `/healthz`).
+    pub fn storage_failure(&self) -> Option<String> {
+        self.store.failure()
+    }
+
+    /// Called by a stopping user actor: later calls start a fresh one.
+    pub(crate) fn forget_user(&self, id: UserId, addr: &Addr<UserActor>) {
+        forget(&self.users, id, addr);
+    }
+
+    pub(crate) fn forget_conversation(&self, id: ConversationId, addr: &Addr<ConversationActor>) {
+        forget(&self.conversations, id, addr);
+    }
+
+    fn arbiter_for(&self, id: &[u8; 16]) -> ArbiterHandle {
+        let h = id
+            .iter()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
+        self.arbiters[h % self.arbiters.len()].clone()
+    }
+}
+
+fn get_or_start<K: Eq + Hash + Copy, A: Actor>(
+    map: &Mutex<HashMap<K, Addr<A>>>,
+    id: K,
+    kind: &str,
+    start: impl FnOnce() -> Addr<A>,
+) -> Addr<A> {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(addr) = map.get(&id) {
+        if addr.connected() {
+            return addr.clone();
+        }
+        // It stopped without deregistering: it died (panic, kill). Bring it back.
+        metrics().actor_restarts.with_label_values(&[kind]).inc();
+        tracing::warn!(kind, "entity actor died; restarting it from storage");
+    }
+    let addr = start();
+    map.insert(id, addr.clone());
+    addr
+}
+
+fn forget<K: Eq + Hash, A: Actor>(map: &Mutex<HashMap<K, Addr<A>>>, id: K, addr: &Addr<A>) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if map.get(&id) == Some(addr) {
+        map.remove(&id);
+    }
+}

@@ -1,0 +1,44 @@
+//! The routing trait: how an actor (or the HTTP layer) reaches any entity by id.
+//!
+//! Declared here, implemented in `net`, so actors never know whether the entity lives
+//! on this node or behind a peer link. Every call is bounded in time: an owner that
+//! does not answer yields [`ActorError::Unavailable`], never a hang.
+
+use futures_util::future::BoxFuture;
+
+use super::error::ActorError;
+use super::messages::{
+    ConversationReply, ConversationRequest, SessionEvent, SessionRef, UserReply, UserRequest,
+};
+use crate::ids::{ConversationId, UserId};
+use crate::storage::MessageRecord;
+
+/// A call in flight to some entity.
+pub type Call<T> = BoxFuture<'static, Result<T, ActorError>>;
+
+/// What became of an event pushed to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    /// The session's queue is full: it cannot keep up and will be closed.
+    Full,
+    /// The session no longer exists.
+    Gone,
+}
+
+pub trait Route: Send + Sync + 'static {
+    /// This node's id.
+    fn node_id(&self) -> &str;
+    fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply>;
+    fn conversation(&self, id: ConversationId, req: ConversationRequest)
+        -> Call<ConversationReply>;
+    /// Reads stored (durable, immutable) messages by seq, in the order asked; missing
+    /// seqs are skipped.
+    fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>>;
+    /// Claims a handle for a user; `Some(owner)` if someone else holds it.
+    fn claim_handle(&self, handle: String, user: UserId) -> Call<Option<UserId>>;
+    fn release_handle(&self, handle: String, user: UserId) -> Call<()>;
+    fn resolve_handle(&self, handle: String) -> Call<Option<UserId>>;
+    /// Pushes an event to a session, without waiting.
+    fn deliver(&self, session: &SessionRef, event: SessionEvent) -> Delivery;
+}

@@ -1,0 +1,540 @@
+//! The User actor: one per user, on the user's home node.
+//!
+//! Owns the user's profile and tokens, its inbox (the ordered log of every message in
+//! every conversation of the user, with its own `inbox_seq`), the per-conversation
+//! heads that make inbox appends idempotent, and the user's live sessions (and so its
+//! presence).
+//!
+//! Invariants:
+//! - `inbox_seq` has no gaps; an entry is pushed to sessions only once it is durable,
+//!   so no device ever sees an inbox entry that a crash could take back.
+//! - a conversation's messages enter the inbox in seq order, each once (see
+//!   [`accept_in_order`]).
+//! - a session goes live exactly at the inbox head it was synced to; it then receives
+//!   every later entry, in order, once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::fut::{ready, wrap_future};
+use actix::prelude::*;
+
+use super::auth;
+use super::error::ActorError;
+use super::messages::*;
+use super::registry::Registry;
+use super::route::Delivery;
+use super::sequence::accept_in_order;
+use crate::ids::{ConversationId, UserId};
+use crate::metrics::metrics;
+use crate::storage::{
+    ConversationKind, InboxEntry, MessageRecord, TokenRecord, UserConversation, UserRecord,
+};
+
+/// Calls waiting at one user actor before senders wait for room.
+const MAILBOX_CAPACITY: usize = 1024;
+/// An actor with no sessions and no calls for this long stops.
+const IDLE_AFTER: Duration = Duration::from_secs(60);
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// Longest inbox page a sync may ask for.
+pub const MAX_SYNC_PAGE: usize = 512;
+
+type Reply = ResponseActFuture<UserActor, Result<UserReply, ActorError>>;
+
+struct Session {
+    session: SessionRef,
+    token: TokenHash,
+    /// Receives pushes (set once its sync reached the head).
+    live: bool,
+}
+
+pub struct UserActor {
+    id: UserId,
+    registry: Arc<Registry>,
+    /// Set if loading from storage failed: every call answers it, then the actor stops.
+    load_error: Option<ActorError>,
+    record: Option<UserRecord>,
+    tokens: HashMap<TokenHash, i64>,
+    /// Next inbox seq to assign.
+    next_inbox: u64,
+    /// Highest inbox seq known flushed.
+    durable_inbox: u64,
+    conversations: HashMap<ConversationId, UserConversation>,
+    /// Appended entries waiting for their flush before they are pushed.
+    unflushed: VecDeque<(u64, Arc<MessageRecord>)>,
+    sessions: Vec<Session>,
+    last_call: Instant,
+}
+
+impl UserActor {
+    /// Builds the actor from storage; called on its arbiter.
+    pub(crate) fn load(id: UserId, registry: Arc<Registry>) -> Self {
+        let mut actor = UserActor {
+            id,
+            registry,
+            load_error: None,
+            record: None,
+            tokens: HashMap::new(),
+            next_inbox: 1,
+            durable_inbox: 0,
+            conversations: HashMap::new(),
+            unflushed: VecDeque::new(),
+            sessions: Vec::new(),
+            last_call: Instant::now(),
+        };
+        if let Err(e) = actor.load_state() {
+            tracing::error!(user = %id, error = %e, "cannot load user");
+            actor.load_error = Some(e);
+        }
+        actor
+    }
+
+    fn load_state(&mut self) -> Result<(), ActorError> {
+        let store = self.registry.store();
+        self.record = store.user(self.id)?;
+        if self.record.is_none() {
+            return Ok(());
+        }
+        let now = crate::now_ms();
+        self.tokens = store
+            .tokens(self.id)?
+            .into_iter()
+            .filter(|(_, t)| t.expires_at > now)
+            .map(|(h, t)| (h, t.expires_at))
+            .collect();
+        let head = store.inbox_head(self.id)?;
+        self.durable_inbox = head;
+        self.next_inbox = head + 1;
+        self.conversations = store
+            .user_conversations(self.id)?
+            .into_iter()
+            .map(|c| (c.conversation_id, c))
+            .collect();
+        Ok(())
+    }
+
+    fn profile(&self) -> Option<UserProfile> {
+        self.record.as_ref().map(|r| UserProfile {
+            user_id: r.user_id,
+            handle: r.handle.clone(),
+            display_name: r.display_name.clone(),
+            online: !self.sessions.is_empty(),
+            last_seen: r.last_seen,
+        })
+    }
+
+    fn token_valid(&self, token: &TokenHash) -> bool {
+        self.tokens
+            .get(token)
+            .is_some_and(|exp| *exp > crate::now_ms())
+    }
+
+    /// Waits for the group commit, then maps the outcome. On a storage failure the
+    /// actor stops: its memory may be ahead of the disk, and a fresh start reloads.
+    fn after_commit(
+        &self,
+        weight: u32,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) -> Result<UserReply, ActorError> + 'static,
+    ) -> Reply {
+        let store = self.registry.store().clone();
+        Box::pin(
+            wrap_future::<_, Self>(async move { store.commit(weight).await }).map(
+                move |res, act, ctx| match res {
+                    Ok(()) => then(act, ctx),
+                    Err(e) => {
+                        ctx.stop();
+                        Err(e.into())
+                    }
+                },
+            ),
+        )
+    }
+
+    fn create(&mut self, handle: String, display_name: String, password_hash: String) -> Reply {
+        if let Some(r) = &self.record {
+            // A retried Create for the same handle is answered, not refused.
+            return if r.handle == handle {
+                done(
+                    self.profile()
+                        .map(UserReply::Profile)
+                        .ok_or(ActorError::UnknownUser),
+                )
+            } else {
+                done(Err(ActorError::Internal("user id already in use".into())))
+            };
+        }
+        let record = UserRecord {
+            user_id: self.id,
+            handle,
+            display_name,
+            password_hash,
+            created_at: crate::now_ms(),
+            last_seen: None,
+        };
+        if let Err(e) = self.registry.store().put_user(&record) {
+            return done(Err(e.into()));
+        }
+        self.record = Some(record);
+        self.after_commit(1, |act, _| {
+            act.profile()
+                .ok_or(ActorError::UnknownUser)
+                .map(UserReply::Profile)
+        })
+    }
+
+    fn login(&mut self, password: String) -> Reply {
+        let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
+            return done(Err(ActorError::InvalidCredentials));
+        };
+        let verify = actix_web_blocking(move || auth::verify_password(&password, &phc));
+        Box::pin(wrap_future::<_, Self>(verify).then(|ok, act, _| {
+            if !ok {
+                return done(Err(ActorError::InvalidCredentials));
+            }
+            let (token, hash) = auth::new_token(act.id);
+            let expires_at = crate::now_ms() + auth::TOKEN_LIFETIME_MS;
+            if let Err(e) =
+                act.registry
+                    .store()
+                    .put_token(act.id, &hash, TokenRecord { expires_at })
+            {
+                return done(Err(e.into()));
+            }
+            act.tokens.insert(hash, expires_at);
+            act.after_commit(1, move |_, _| Ok(UserReply::Token { token, expires_at }))
+        }))
+    }
+
+    fn logout(&mut self, token: TokenHash) -> Reply {
+        if self.tokens.remove(&token).is_none() {
+            return done(Err(ActorError::Unauthorized));
+        }
+        if let Err(e) = self.registry.store().remove_token(self.id, &token) {
+            return done(Err(e.into()));
+        }
+        let route = self.registry.route();
+        let mut closed = Vec::new();
+        self.sessions.retain(|s| {
+            let keep = s.token != token;
+            if !keep {
+                closed.push(s.session.clone());
+            }
+            keep
+        });
+        if let Some(route) = route {
+            for s in &closed {
+                route.deliver(
+                    s,
+                    SessionEvent::Close {
+                        code: 1008,
+                        reason: "token revoked".into(),
+                    },
+                );
+            }
+        }
+        if !closed.is_empty() && self.sessions.is_empty() {
+            self.went_offline();
+        }
+        self.after_commit(1, |_, _| Ok(UserReply::Done))
+    }
+
+    fn attach(&mut self, session: SessionRef, token: TokenHash) -> Result<UserReply, ActorError> {
+        if !self.token_valid(&token) {
+            return Err(ActorError::Unauthorized);
+        }
+        if !self.sessions.iter().any(|s| s.session == session) {
+            self.sessions.push(Session {
+                session,
+                token,
+                live: false,
+            });
+        }
+        Ok(UserReply::Done)
+    }
+
+    fn detach(&mut self, session: &SessionRef) {
+        let before = self.sessions.len();
+        self.sessions.retain(|s| &s.session != session);
+        if before > 0 && self.sessions.is_empty() {
+            self.went_offline();
+        }
+    }
+
+    /// The last session ended: persist `last_seen`. Not waited on: the next group
+    /// commit (or sled's periodic flush) carries it.
+    fn went_offline(&mut self) {
+        if let Some(r) = &mut self.record {
+            r.last_seen = Some(crate::now_ms());
+            if let Err(e) = self.registry.store().put_user(r) {
+                tracing::warn!(user = %self.id, error = %e, "cannot persist last_seen");
+            }
+        }
+    }
+
+    fn sync_page(
+        &mut self,
+        session: &SessionRef,
+        after: u64,
+        limit: usize,
+    ) -> Result<UserReply, ActorError> {
+        let head = self.durable_inbox;
+        let Some(idx) = self.sessions.iter().position(|s| &s.session == session) else {
+            return Err(ActorError::Unauthorized);
+        };
+        let entries = self.registry.store().inbox_range(
+            self.id,
+            after,
+            head,
+            limit.clamp(1, MAX_SYNC_PAGE),
+        )?;
+        let last = entries.last().map_or(after, |e| e.0);
+        let live_head = (last >= head).then(|| {
+            self.sessions[idx].live = true;
+            head
+        });
+        Ok(UserReply::Page { entries, live_head })
+    }
+
+    fn append_inbox(
+        &mut self,
+        conversation_id: ConversationId,
+        kind: ConversationKind,
+        members: Vec<UserId>,
+        mut messages: Vec<Arc<MessageRecord>>,
+    ) -> Reply {
+        messages.sort_by_key(|m| m.seq);
+        let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+        let me = self.id;
+        let conv = self
+            .conversations
+            .entry(conversation_id)
+            .or_insert_with(|| UserConversation {
+                conversation_id,
+                peer_id: match kind {
+                    ConversationKind::Direct => {
+                        Some(members.iter().copied().find(|m| *m != me).unwrap_or(me))
+                    }
+                    ConversationKind::Group { .. } => None,
+                },
+                kind,
+                head: 0,
+            });
+        let (skip, take) = accept_in_order(conv.head, &seqs);
+        if take == 0 {
+            // Nothing new; answer the head once whatever made it is durable.
+            return self.after_commit(0, move |act, _| Ok(act.appended(conversation_id)));
+        }
+        let first = self.next_inbox;
+        let taken = &messages[skip..skip + take];
+        let entries: Vec<(u64, InboxEntry)> = taken
+            .iter()
+            .zip(first..)
+            .map(|(m, inbox_seq)| {
+                (
+                    inbox_seq,
+                    InboxEntry {
+                        conversation_id,
+                        seq: m.seq,
+                    },
+                )
+            })
+            .collect();
+        let mut updated = conv.clone();
+        updated.head = taken.last().map_or(conv.head, |m| m.seq);
+        if let Err(e) = self
+            .registry
+            .store()
+            .append_inbox(self.id, &entries, &updated)
+        {
+            return done(Err(e.into()));
+        }
+        *conv = updated;
+        self.next_inbox += take as u64;
+        let upto = self.next_inbox - 1;
+        self.unflushed
+            .extend(taken.iter().cloned().zip(first..).map(|(m, s)| (s, m)));
+        let stored_at = taken
+            .iter()
+            .map(|m| m.ts)
+            .min()
+            .unwrap_or_else(crate::now_ms);
+        self.after_commit(take as u32, move |act, _| {
+            let lag = (crate::now_ms() - stored_at).max(0) as f64 / 1000.0;
+            metrics()
+                .fanout_seconds
+                .with_label_values(&["inbox"])
+                .observe(lag);
+            act.durable_inbox = act.durable_inbox.max(upto);
+            act.push_durable();
+            Ok(act.appended(conversation_id))
+        })
+    }
+
+    fn appended(&self, conversation_id: ConversationId) -> UserReply {
+        UserReply::Appended {
+            head: self
+                .conversations
+                .get(&conversation_id)
+                .map_or(0, |c| c.head),
+        }
+    }
+
+    /// Pushes every entry that became durable to the live sessions, in inbox order.
+    fn push_durable(&mut self) {
+        let Some(route) = self.registry.route() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        while self
+            .unflushed
+            .front()
+            .is_some_and(|(seq, _)| *seq <= self.durable_inbox)
+        {
+            let Some((inbox_seq, message)) = self.unflushed.pop_front() else {
+                break;
+            };
+            for s in self.sessions.iter().filter(|s| s.live) {
+                let event = SessionEvent::Inbox {
+                    inbox_seq,
+                    message: Arc::clone(&message),
+                };
+                match route.deliver(&s.session, event) {
+                    Delivery::Delivered => {}
+                    Delivery::Gone => gone.push(s.session.clone()),
+                    Delivery::Full => {
+                        route.deliver(
+                            &s.session,
+                            SessionEvent::Close {
+                                code: 1013,
+                                reason: "client too slow: reconnect and sync".into(),
+                            },
+                        );
+                        gone.push(s.session.clone());
+                    }
+                }
+            }
+            for s in gone.drain(..) {
+                self.detach(&s);
+            }
+        }
+    }
+
+    fn notify(&mut self, event: SessionEvent) {
+        let Some(route) = self.registry.route() else {
+            return;
+        };
+        let gone: Vec<SessionRef> = self
+            .sessions
+            .iter()
+            .filter(|s| s.live && route.deliver(&s.session, event.clone()) == Delivery::Gone)
+            .map(|s| s.session.clone())
+            .collect();
+        for s in gone {
+            self.detach(&s);
+        }
+    }
+}
+
+fn done(r: Result<UserReply, ActorError>) -> Reply {
+    Box::pin(ready(r))
+}
+
+/// Runs CPU-heavy work (argon2) on the blocking pool, off the actor's thread.
+async fn actix_web_blocking<F: FnOnce() -> bool + Send + 'static>(f: F) -> bool {
+    tokio::task::spawn_blocking(f).await.unwrap_or(false)
+}
+
+impl Actor for UserActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        metrics().actors.with_label_values(&["user"]).inc();
+        ctx.run_interval(IDLE_CHECK, |act, ctx| {
+            if act.sessions.is_empty()
+                && act.unflushed.is_empty()
+                && act.last_call.elapsed() >= IDLE_AFTER
+            {
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
+        self.registry.forget_user(self.id, &ctx.address());
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics().actors.with_label_values(&["user"]).dec();
+    }
+}
+
+impl Handler<UserCall> for UserActor {
+    type Result = Reply;
+
+    fn handle(&mut self, UserCall(req): UserCall, ctx: &mut Context<Self>) -> Reply {
+        self.last_call = Instant::now();
+        if let Some(e) = &self.load_error {
+            ctx.stop();
+            return done(Err(e.clone()));
+        }
+        if self.record.is_none() {
+            return match req {
+                UserRequest::Create {
+                    handle,
+                    display_name,
+                    password_hash,
+                } => self.create(handle, display_name, password_hash),
+                UserRequest::Login { .. } => done(Err(ActorError::InvalidCredentials)),
+                UserRequest::Authenticate { .. }
+                | UserRequest::Logout { .. }
+                | UserRequest::Attach { .. } => done(Err(ActorError::Unauthorized)),
+                _ => done(Err(ActorError::UnknownUser)),
+            };
+        }
+        match req {
+            UserRequest::Create {
+                handle,
+                display_name,
+                password_hash,
+            } => self.create(handle, display_name, password_hash),
+            UserRequest::Login { password } => self.login(password),
+            UserRequest::Authenticate { token } => done(if self.token_valid(&token) {
+                Ok(UserReply::Done)
+            } else {
+                Err(ActorError::Unauthorized)
+            }),
+            UserRequest::Logout { token } => self.logout(token),
+            UserRequest::Profile => done(
+                self.profile()
+                    .map(UserReply::Profile)
+                    .ok_or(ActorError::UnknownUser),
+            ),
+            UserRequest::Attach { session, token } => done(self.attach(session, token)),
+            UserRequest::Detach { session } => {
+                self.detach(&session);
+                done(Ok(UserReply::Done))
+            }
+            UserRequest::SyncPage {
+                session,
+                after,
+                limit,
+            } => done(self.sync_page(&session, after, limit)),
+            UserRequest::AppendInbox {
+                conversation_id,
+                kind,
+                members,
+                messages,
+            } => self.append_inbox(conversation_id, kind, members, messages),
+            UserRequest::Conversations => done(Ok(UserReply::Conversations(
+                self.conversations.values().cloned().collect(),
+            ))),
+            UserRequest::Notify { event } => {
+                self.notify(event);
+                done(Ok(UserReply::Done))
+            }
+        }
+    }
+}

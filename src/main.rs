@@ -1,0 +1,71 @@
+//! The `switchboard` binary: command line, config, logging; then the node runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::ClusterConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A chat backend on an actor-model cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one node of the cluster.
+    Serve {
+        /// The cluster file, the same on every node.
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Which `[[node]]` this process is; optional when the file has one node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve { config, node } => serve(config, node),
+    }
+}
+
+fn serve(path: PathBuf, node: Option<String>) -> ExitCode {
+    let shown = path.display().to_string();
+    let loaded = ClusterConfig::load(&path).and_then(|c| {
+        c.select_node(node.as_deref(), &shown)
+            .cloned()
+            .map(|n| (c, n))
+    });
+    let (config, node) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result: anyhow::Result<()> = actix_web::rt::System::new()
+        .block_on(switchboard::net::serve(config, node))
+        .map_err(anyhow::Error::from);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! The HTTP API: accounts, conversations, history, receipts, health and metrics.
+//!
+//! Handlers parse and validate, then call entities through the router; they hold no
+//! state of their own. JSON bodies are read with an explicit cap and parsed whatever
+//! the `Content-Type`, so every failure has the contract's error shape.
+
+use std::collections::HashMap;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use futures_util::future::{join_all, LocalBoxFuture};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::api::ApiError;
+use super::protocol::{MessageJson, UserJson};
+use super::ws;
+use super::AppState;
+use crate::actors::{auth, *};
+use crate::ids::{ConversationId, UserId};
+use crate::metrics::metrics;
+
+/// Default and largest page of `GET .../messages`.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+const MAX_PASSWORD_BYTES: usize = 1024;
+const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics_text))
+        .service(
+            web::scope("/api/v1")
+                .service(resource("/users").get(find_user).post(register))
+                .service(resource("/users/me").get(me))
+                .service(resource("/users/{user_id}").get(user))
+                .service(resource("/sessions").post(login))
+                .service(resource("/sessions/current").delete(logout))
+                .service(resource("/conversations").get(conversations))
+                .service(resource("/conversations/{cid}/messages").get(history))
+                .service(resource("/conversations/{cid}/receipts").get(receipts))
+                .service(resource("/ws").get(ws::connect)),
+        )
+        .default_service(web::to(not_found));
+}
+
+/// A resource that answers 405 in the contract's shape for methods it lacks.
+fn resource(path: &str) -> Resource {
+    Resource(web::resource(path).default_service(web::to(method_not_allowed)))
+}
+
+struct Resource(actix_web::Resource);
+
+impl Resource {
+    fn get<F, Args>(self, h: F) -> Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        Resource(self.0.route(web::get().to(h)))
+    }
+    fn post<F, Args>(self, h: F) -> Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        Resource(self.0.route(web::post().to(h)))
+    }
+    fn delete<F, Args>(self, h: F) -> Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        Resource(self.0.route(web::delete().to(h)))
+    }
+}
+
+impl actix_web::dev::HttpServiceFactory for Resource {
+    fn register(self, config: &mut actix_web::dev::AppService) {
+        self.0.register(config)
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(404, "not_found", "no such endpoint"))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        405,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    ))
+}
+
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    let registry = state.router.registry();
+    match registry.storage_failure() {
+        None => HttpResponse::Ok().json(json!({"status": "ok", "node_id": state.router.node_id()})),
+        Some(e) => HttpResponse::ServiceUnavailable()
+            .json(json!({"error": {"code": "storage_error", "message": e}})),
+    }
+}
+
+async fn metrics_text() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics().render())
+}
+
+/// The authenticated caller: a valid, unrevoked, unexpired token.
+pub struct Authed {
+    pub user: UserId,
+    pub token: TokenHash,
+}
+
+/// The token of a request: `Authorization: Bearer` first, else `?token=`.
+pub fn request_token(req: &HttpRequest) -> Option<String> {
+    if let Some(h) = req.headers().get(header::AUTHORIZATION) {
+        let v = h.to_str().ok()?;
+        let (scheme, token) = v.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("token").cloned())
+}
+
+/// Validates a token at its user's home.
+pub async fn authenticate(state: &AppState, token: Option<String>) -> Result<Authed, ApiError> {
+    let (user, hash) = token
+        .as_deref()
+        .and_then(auth::parse_token)
+        .ok_or_else(ApiError::unauthorized)?;
+    match state
+        .router
+        .user(user, UserRequest::Authenticate { token: hash })
+        .await
+    {
+        Ok(_) => Ok(Authed { user, token: hash }),
+        Err(ActorError::UnknownUser) => Err(ApiError::unauthorized()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl FromRequest for Authed {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = request_token(req);
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::new(500, "internal", "no state"))?;
+            authenticate(&state, token).await
+        })
+    }
+}
+
+/// A JSON body, read up to the configured limit, whatever its content type.
+struct Json<T>(T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let limit = req
+            .app_data::<web::Data<AppState>>()
+            .map_or(1 << 20, |s| s.limits.max_frame_bytes);
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let too_large = || ApiError::new(413, "too_large", format!("body over {limit} bytes"));
+            if declared.is_some_and(|n| n > limit) {
+                return Err(too_large());
+            }
+            let mut body = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk =
+                    chunk.map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice(&body)
+                .map(Json)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        })
+    }
+}
+
+/// A path id that must be a UUID.
+fn parse_id<T: std::str::FromStr>(raw: &str, what: &str) -> Result<T, ApiError> {
+    raw.parse().map_err(|_| ApiError::invalid_id(what))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    handle: String,
+    password: String,
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+fn valid_handle(h: &str) -> bool {
+    (3..=32).contains(&h.len())
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+async fn register(
+    state: web::Data<AppState>,
+    Json(body): Json<RegisterBody>,
+) -> Result<HttpResponse, ApiError> {
+    if !valid_handle(&body.handle) {
+        return Err(ApiError::new(
+            400,
+            "invalid_handle",
+            "handle must be 3-32 characters of a-z, 0-9, _ . -",
+        ));
+    }
+    if body.password.chars().count() < 8 || body.password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::new(
+            400,
+            "invalid_password",
+            "password must be at least 8 characters (and at most 1024 bytes)",
+        ));
+    }
+    let display_name = body.display_name.unwrap_or_else(|| body.handle.clone());
+    let n = display_name.chars().count();
+    if n == 0 || n > MAX_DISPLAY_NAME_CHARS || display_name.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            400,
+            "invalid_display_name",
+            "display_name must be 1-64 characters without control characters",
+        ));
+    }
+    // Hashing is deliberately slow: keep it off the worker and the actors.
+    let password = body.password;
+    let password_hash = web::block(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(500, "internal", e))?;
+    let user_id = UserId::random();
+    let router = &state.router;
+    if router
+        .claim_handle(body.handle.clone(), user_id)
+        .await?
+        .is_some()
+    {
+        return Err(ActorError::HandleTaken.into());
+    }
+    let created = router
+        .user(
+            user_id,
+            UserRequest::Create {
+                handle: body.handle.clone(),
+                display_name,
+                password_hash,
+            },
+        )
+        .await;
+    match created {
+        Ok(UserReply::Profile(p)) => Ok(HttpResponse::Created().json(json!({
+            "user_id": p.user_id,
+            "handle": p.handle,
+            "display_name": p.display_name,
+        }))),
+        other => {
+            let _ = router.release_handle(body.handle, user_id).await;
+            Err(unexpected(other.map(|_| ())).into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    handle: String,
+    password: String,
+}
+
+async fn login(
+    state: web::Data<AppState>,
+    Json(body): Json<LoginBody>,
+) -> Result<HttpResponse, ApiError> {
+    if !valid_handle(&body.handle) || body.password.len() > MAX_PASSWORD_BYTES {
+        return Err(ActorError::InvalidCredentials.into());
+    }
+    let user_id = state
+        .router
+        .resolve_handle(body.handle)
+        .await?
+        .ok_or(ActorError::InvalidCredentials)?;
+    match state
+        .router
+        .user(
+            user_id,
+            UserRequest::Login {
+                password: body.password,
+            },
+        )
+        .await?
+    {
+        UserReply::Token { token, expires_at } => Ok(HttpResponse::Ok().json(json!({
+            "token": token,
+            "user_id": user_id,
+            "expires_at": expires_at,
+        }))),
+        _ => Err(unexpected(Ok(())).into()),
+    }
+}
+
+async fn logout(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {
+    state
+        .router
+        .user(me.user, UserRequest::Logout { token: me.token })
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn profile(state: &AppState, id: UserId) -> Result<HttpResponse, ApiError> {
+    match state.router.user(id, UserRequest::Profile).await? {
+        UserReply::Profile(p) => Ok(HttpResponse::Ok().json(UserJson::from(&p))),
+        _ => Err(unexpected(Ok(())).into()),
+    }
+}
+
+async fn me(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {
+    profile(&state, me.user).await
+}
+
+async fn user(
+    state: web::Data<AppState>,
+    _me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    profile(&state, parse_id(&path, "user_id")?).await
+}
+
+async fn find_user(
+    state: web::Data<AppState>,
+    _me: Authed,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let query = query_map(&req)?;
+    let handle = query
+        .get("handle")
+        .ok_or_else(|| ApiError::bad_request("missing query parameter `handle`"))?;
+    if !valid_handle(handle) {
+        return Err(ActorError::UnknownUser.into());
+    }
+    let id = state
+        .router
+        .resolve_handle(handle.clone())
+        .await?
+        .ok_or(ActorError::UnknownUser)?;
+    profile(&state, id).await
+}
+
+async fn conversations(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {
+    let UserReply::Conversations(list) = state
+        .router
+        .user(me.user, UserRequest::Conversations)
+        .await?
+    else {
+        return Err(unexpected(Ok(())).into());
+    };
+    let views = join_all(list.iter().map(|c| {
+        state.router.conversation(
+            c.conversation_id,
+            ConversationRequest::View { user: me.user },
+        )
+    }))
+    .await;
+    let mut out = Vec::with_capacity(list.len());
+    for (c, view) in list.iter().zip(views) {
+        let (last_seq, wm) = match view {
+            Ok(ConversationReply::View {
+                last_seq,
+                watermarks,
+            }) => (last_seq.max(c.head), watermarks),
+            // A conversation that cannot answer right now still appears, with what the
+            // inbox knows.
+            _ => (c.head, Default::default()),
+        };
+        let mut item = json!({
+            "conversation_id": c.conversation_id,
+            "kind": match c.kind { crate::storage::ConversationKind::Direct => "direct", _ => "group" },
+            "last_seq": last_seq,
+            "delivered_seq": wm.delivered,
+            "read_seq": wm.read,
+        });
+        match &c.kind {
+            crate::storage::ConversationKind::Direct => item["peer_id"] = json!(c.peer_id),
+            crate::storage::ConversationKind::Group { group_id } => {
+                item["group_id"] = json!(group_id)
+            }
+        }
+        out.push(item);
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+}
+
+fn query_u64(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    q.get(name)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("`{name}` must be a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+async fn history(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let cid: ConversationId = parse_id(&path, "conversation id")?;
+    let q = query_map(&req)?;
+    let limit = match query_u64(&q, "limit")? {
+        None => DEFAULT_PAGE,
+        Some(n) if (1..=MAX_PAGE as u64).contains(&n) => n as usize,
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "`limit` must be 1..={MAX_PAGE}"
+            )))
+        }
+    };
+    let req = ConversationRequest::History {
+        user: me.user,
+        after: query_u64(&q, "after_seq")?,
+        before: query_u64(&q, "before_seq")?,
+        limit,
+    };
+    match state.router.conversation(cid, req).await? {
+        ConversationReply::Messages(messages) => {
+            let messages: Vec<MessageJson> = messages.iter().map(MessageJson::from).collect();
+            Ok(HttpResponse::Ok().json(json!({ "messages": messages })))
+        }
+        _ => Err(unexpected(Ok(())).into()),
+    }
+}
+
+async fn receipts(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let cid: ConversationId = parse_id(&path, "conversation id")?;
+    match state
+        .router
+        .conversation(cid, ConversationRequest::Receipts { user: me.user })
+        .await?
+    {
+        ConversationReply::Receipts(list) => Ok(HttpResponse::Ok().json(
+            list.iter()
+                .map(|(u, wm)| json!({"user_id": u, "delivered_seq": wm.delivered, "read_seq": wm.read}))
+                .collect::<Vec<_>>(),
+        )),
+        _ => Err(unexpected(Ok(())).into()),
+    }
+}
+
+/// A reply of the wrong variant is a bug; an error passes through.
+fn unexpected(r: Result<(), ActorError>) -> ActorError {
+    match r {
+        Err(e) => e,
+        Ok(()) => ActorError::Internal("unexpected reply".into()),
+    }
+}

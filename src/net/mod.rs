@@ -1,0 +1,105 @@
+//! Everything that touches a socket.
+//!
+//! - `http.rs`: the HTTP API (accounts, history, receipts, health, metrics) on actix-web.
+//! - `ws.rs`: the WebSocket session actor: parses client frames, enforces frame size,
+//!   rate and heartbeat limits, keeps the connection's inbox cursor and writes events in
+//!   order through a bounded outgoing buffer.
+//! - `protocol.rs`: the JSON wire types of the client contract.
+//! - `api.rs`: the contract's error body and status mapping.
+//! - `ring.rs`: the consistent-hash ring that names each entity's home node.
+//! - `router.rs`: implements [`crate::actors::Route`]: ring lookup, then the local
+//!   registry (or, for entities homed elsewhere, an error until peer links exist).
+//! - `sessions.rs`: this node's table of live WebSocket sessions.
+//!
+//! `net` imports `actors` (and `storage` only to open it at start-up).
+
+mod api;
+mod http;
+mod protocol;
+pub mod ring;
+mod router;
+mod sessions;
+mod ws;
+
+use std::sync::{Arc, Weak};
+
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::{ConversationRequest, Registry, Route};
+use crate::config::{ClusterConfig, NodeConfig};
+use crate::storage::{StorageError, Store};
+
+pub use router::Router;
+
+/// Why a node could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot open storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state handed to every HTTP handler and WebSocket session.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub router: Arc<Router>,
+    pub limits: Arc<crate::config::Limits>,
+}
+
+/// Runs one node until it is told to stop (SIGINT/SIGTERM). Must be called inside an
+/// actix system.
+pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetError> {
+    let store = Store::open(&node.data_dir)?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let registry = Registry::new(store, config.limits.clone(), threads);
+    let ring = ring::Ring::new(
+        config.nodes.iter().map(|n| n.id.clone()),
+        config.cluster.vnodes,
+    );
+    let router = Router::new(node.id.clone(), ring, Arc::clone(&registry));
+    let weak: Weak<dyn Route> = Arc::downgrade(&(Arc::clone(&router) as Arc<dyn Route>));
+    registry.set_route(weak);
+
+    // Conversations whose fan-out was cut short by the last stop pick it up again.
+    let pending = registry
+        .pending_fanouts()
+        .map_err(|e| StorageError::Io(e.to_string()))?;
+    if !pending.is_empty() {
+        tracing::info!(count = pending.len(), "resuming pending fan-out");
+    }
+    for id in pending {
+        let call = router.conversation(id, ConversationRequest::Resume);
+        actix::spawn(async move {
+            if let Err(e) = call.await {
+                tracing::warn!(conversation_id = %id, error = %e, "cannot resume fan-out");
+            }
+        });
+    }
+
+    let state = AppState {
+        router,
+        limits: Arc::new(config.limits.clone()),
+    };
+    tracing::info!(node = %node.id, addr = %node.client_addr, data_dir = %node.data_dir.display(), "serving");
+    HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(http::routes)
+    })
+    .workers(threads)
+    .shutdown_timeout(2)
+    .bind(node.client_addr)
+    .map_err(|source| NetError::Bind {
+        addr: node.client_addr,
+        source,
+    })?
+    .run()
+    .await?;
+    Ok(())
+}

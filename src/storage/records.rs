@@ -1,0 +1,90 @@
+//! The stored value types. Each is encoded by `codec` with the schema version byte.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::{ConversationId, GroupId, UserId};
+
+/// A user's profile and credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user_id: UserId,
+    pub handle: String,
+    pub display_name: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    pub created_at: i64,
+    /// When the user's last live session ended; `None` until that first happens.
+    pub last_seen: Option<i64>,
+}
+
+/// A login token, stored under the SHA-256 of the token: the token itself is never kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub expires_at: i64,
+}
+
+/// Whether a message was written by a user or by the server (membership changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageKind {
+    User,
+    System,
+}
+
+/// One message of a conversation. Immutable once stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub message_id: Uuid,
+    pub conversation_id: ConversationId,
+    pub seq: u64,
+    pub sender_id: UserId,
+    pub kind: MessageKind,
+    pub body: String,
+    pub media: Vec<Uuid>,
+    /// The sender's idempotency key; `None` for system messages.
+    pub client_msg_id: Option<Uuid>,
+    pub ts: i64,
+}
+
+/// What kind of conversation, and who is in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConversationKind {
+    /// Between two users (one, for notes to self). Members are fixed.
+    Direct,
+    /// A group's conversation; membership is owned by the group.
+    Group { group_id: GroupId },
+}
+
+/// A conversation's identity and membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    pub conversation_id: ConversationId,
+    pub kind: ConversationKind,
+    pub members: Vec<UserId>,
+    pub created_at: i64,
+}
+
+/// One entry of a user's inbox: which message of which conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    pub conversation_id: ConversationId,
+    pub seq: u64,
+}
+
+/// A conversation as one member sees it: its kind and the highest seq appended to the
+/// member's inbox (`head`), which makes the inbox append idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserConversation {
+    pub conversation_id: ConversationId,
+    pub kind: ConversationKind,
+    /// The other member of a direct conversation (oneself for notes to self).
+    pub peer_id: Option<UserId>,
+    pub head: u64,
+}
+
+/// A member's cumulative receipts in one conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermarks {
+    pub delivered: u64,
+    pub read: u64,
+}

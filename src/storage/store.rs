@@ -1,0 +1,528 @@
+//! The typed storage API over sled. Key layouts are in `keys`, value encoding in `codec`.
+//!
+//! Methods that write several records of one entity use one `sled::Batch`, which sled
+//! applies atomically: a crash never leaves a message without its idempotency entry, or
+//! an inbox entry without the head that makes its append idempotent.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use sled::{Batch, IVec, Tree};
+
+use super::codec::{decode, encode};
+use super::commit::Committer;
+use super::error::StorageError;
+use super::keys::{self, *};
+use super::records::*;
+use crate::ids::{ConversationId, UserId};
+
+type Result<T> = std::result::Result<T, StorageError>;
+
+/// Memory sled may use for its page cache.
+const CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A node's database. Cheap to clone; all clones share one sled instance and flusher.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    users: Tree,
+    handles: Tree,
+    conversations: Tree,
+    fanout: Tree,
+    committer: Committer,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir` and starts its group-commit thread.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let committer = Committer::start(db.clone(), dir)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                users: db.open_tree("users")?,
+                handles: db.open_tree("handles")?,
+                conversations: db.open_tree("conversations")?,
+                fanout: db.open_tree("fanout")?,
+                db,
+                committer,
+            }),
+        })
+    }
+
+    /// Resolves when every write made before the call is flushed to disk (group commit).
+    /// `weight` is how many writes the caller stands for, for the batch-size metric.
+    pub async fn commit(&self, weight: u32) -> Result<()> {
+        self.inner.committer.commit(weight).await
+    }
+
+    /// The last flush failure, while the disk keeps failing.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.committer.failure()
+    }
+
+    /// Bytes sled reports on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    // ---- users ----------------------------------------------------------------------
+
+    pub fn user(&self, id: UserId) -> Result<Option<UserRecord>> {
+        get(
+            &self.inner.users,
+            "users",
+            &tagged(id.as_bytes(), USER_PROFILE),
+        )
+    }
+
+    pub fn put_user(&self, rec: &UserRecord) -> Result<()> {
+        let key = tagged(rec.user_id.as_bytes(), USER_PROFILE);
+        self.inner.users.insert(key, encode(rec)?)?;
+        Ok(())
+    }
+
+    /// Claims `handle` for `user`. `Ok(None)` if it is now (or already was) theirs,
+    /// `Ok(Some(owner))` if someone else holds it.
+    pub fn claim_handle(&self, handle: &str, user: UserId) -> Result<Option<UserId>> {
+        let swapped = self.inner.handles.compare_and_swap(
+            handle.as_bytes(),
+            None as Option<&[u8]>,
+            Some(&user.as_bytes()[..]),
+        )?;
+        match swapped {
+            Ok(()) => Ok(None),
+            Err(current) => {
+                let owner = current
+                    .current
+                    .map(|v| user_id_value(handle, &v))
+                    .transpose()?;
+                Ok(owner.filter(|o| *o != user))
+            }
+        }
+    }
+
+    /// Frees `handle` if `user` holds it (undoing a registration that failed half-way).
+    pub fn release_handle(&self, handle: &str, user: UserId) -> Result<()> {
+        let _ = self.inner.handles.compare_and_swap(
+            handle.as_bytes(),
+            Some(&user.as_bytes()[..]),
+            None as Option<&[u8]>,
+        )?;
+        Ok(())
+    }
+
+    pub fn handle_owner(&self, handle: &str) -> Result<Option<UserId>> {
+        self.inner
+            .handles
+            .get(handle.as_bytes())?
+            .map(|v| user_id_value(handle, &v))
+            .transpose()
+    }
+
+    pub fn tokens(&self, user: UserId) -> Result<Vec<([u8; 32], TokenRecord)>> {
+        let prefix = tagged(user.as_bytes(), USER_TOKEN);
+        let mut out = Vec::new();
+        for item in self.inner.users.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let hash: [u8; 32] = k
+                .get(17..)
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(|| corrupt("users", &k, "token key length"))?;
+            out.push((hash, decode("users", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn put_token(&self, user: UserId, hash: &[u8; 32], rec: TokenRecord) -> Result<()> {
+        let key = with_parts(user.as_bytes(), USER_TOKEN, &[hash]);
+        self.inner.users.insert(key, encode(&rec)?)?;
+        Ok(())
+    }
+
+    pub fn remove_token(&self, user: UserId, hash: &[u8; 32]) -> Result<()> {
+        let key = with_parts(user.as_bytes(), USER_TOKEN, &[hash]);
+        self.inner.users.remove(key)?;
+        Ok(())
+    }
+
+    /// The highest inbox seq of `user` (0 for an empty inbox).
+    pub fn inbox_head(&self, user: UserId) -> Result<u64> {
+        let prefix = tagged(user.as_bytes(), USER_INBOX);
+        match self.inner.users.scan_prefix(&prefix).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                seq_suffix(&k).ok_or_else(|| corrupt("users", &k, "inbox key length"))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `limit` inbox entries with `after < inbox_seq <= upto`, in order.
+    pub fn inbox_range(
+        &self,
+        user: UserId,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, InboxEntry)>> {
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        let lo = with_seq(user.as_bytes(), USER_INBOX, after.saturating_add(1));
+        let hi = with_seq(user.as_bytes(), USER_INBOX, upto);
+        let mut out = Vec::new();
+        for item in self.inner.users.range(lo..=hi).take(limit) {
+            let (k, v) = item?;
+            let seq = seq_suffix(&k).ok_or_else(|| corrupt("users", &k, "inbox key length"))?;
+            out.push((seq, decode("users", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn user_conversations(&self, user: UserId) -> Result<Vec<UserConversation>> {
+        let prefix = tagged(user.as_bytes(), USER_CONVERSATION);
+        self.inner
+            .users
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (k, v) = item?;
+                decode("users", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Appends `entries` to the inbox and records the conversation's new head, atomically.
+    pub fn append_inbox(
+        &self,
+        user: UserId,
+        entries: &[(u64, InboxEntry)],
+        conversation: &UserConversation,
+    ) -> Result<()> {
+        let mut batch = Batch::default();
+        for (inbox_seq, entry) in entries {
+            batch.insert(
+                with_seq(user.as_bytes(), USER_INBOX, *inbox_seq),
+                encode(entry)?,
+            );
+        }
+        batch.insert(
+            with_parts(
+                user.as_bytes(),
+                USER_CONVERSATION,
+                &[conversation.conversation_id.as_bytes()],
+            ),
+            encode(conversation)?,
+        );
+        self.inner.users.apply_batch(batch)?;
+        Ok(())
+    }
+
+    // ---- conversations --------------------------------------------------------------
+
+    pub fn conversation(&self, id: ConversationId) -> Result<Option<ConversationRecord>> {
+        get(
+            &self.inner.conversations,
+            "conversations",
+            &tagged(id.as_bytes(), CONV_RECORD),
+        )
+    }
+
+    pub fn put_conversation(&self, rec: &ConversationRecord) -> Result<()> {
+        let key = tagged(rec.conversation_id.as_bytes(), CONV_RECORD);
+        self.inner.conversations.insert(key, encode(rec)?)?;
+        Ok(())
+    }
+
+    /// The highest message seq of the conversation (0 if it has none).
+    pub fn last_seq(&self, id: ConversationId) -> Result<u64> {
+        let prefix = tagged(id.as_bytes(), CONV_MESSAGE);
+        match self.inner.conversations.scan_prefix(&prefix).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                seq_suffix(&k).ok_or_else(|| corrupt("conversations", &k, "message key length"))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Stores a message and, for user messages, its idempotency entry, atomically.
+    pub fn put_message(&self, msg: &MessageRecord) -> Result<()> {
+        let cid = msg.conversation_id.as_bytes();
+        let mut batch = Batch::default();
+        batch.insert(with_seq(cid, CONV_MESSAGE, msg.seq), encode(msg)?);
+        if let Some(cmid) = msg.client_msg_id {
+            let key = with_parts(
+                cid,
+                CONV_IDEMPOTENCY,
+                &[msg.sender_id.as_bytes(), cmid.as_bytes()],
+            );
+            batch.insert(key, encode(&msg.seq)?);
+        }
+        self.inner.conversations.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The seq already assigned to `sender`'s `client_msg_id` in this conversation.
+    pub fn idempotent_seq(
+        &self,
+        id: ConversationId,
+        sender: UserId,
+        client_msg_id: &uuid::Uuid,
+    ) -> Result<Option<u64>> {
+        let key = with_parts(
+            id.as_bytes(),
+            CONV_IDEMPOTENCY,
+            &[sender.as_bytes(), client_msg_id.as_bytes()],
+        );
+        get(&self.inner.conversations, "conversations", &key)
+    }
+
+    pub fn message(&self, id: ConversationId, seq: u64) -> Result<Option<MessageRecord>> {
+        get(
+            &self.inner.conversations,
+            "conversations",
+            &with_seq(id.as_bytes(), CONV_MESSAGE, seq),
+        )
+    }
+
+    /// Up to `limit` messages with `after < seq < before`, ascending. With `newest` the
+    /// window is the last `limit` of the range, else the first.
+    pub fn messages_between(
+        &self,
+        id: ConversationId,
+        after: u64,
+        before: u64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<MessageRecord>> {
+        if before <= after.saturating_add(1) {
+            return Ok(Vec::new());
+        }
+        let lo = Bound::Excluded(with_seq(id.as_bytes(), CONV_MESSAGE, after));
+        let hi = Bound::Excluded(with_seq(id.as_bytes(), CONV_MESSAGE, before));
+        let range = self.inner.conversations.range::<Vec<u8>, _>((lo, hi));
+        let decode_item = |item: sled::Result<(IVec, IVec)>| -> Result<MessageRecord> {
+            let (k, v) = item?;
+            decode("conversations", &k, &v)
+        };
+        let mut out: Vec<MessageRecord> = if newest {
+            range
+                .rev()
+                .take(limit)
+                .map(decode_item)
+                .collect::<Result<_>>()?
+        } else {
+            range.take(limit).map(decode_item).collect::<Result<_>>()?
+        };
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    pub fn watermarks(&self, id: ConversationId) -> Result<Vec<(UserId, Watermarks)>> {
+        let prefix = tagged(id.as_bytes(), CONV_WATERMARK);
+        let mut out = Vec::new();
+        for item in self.inner.conversations.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let user: [u8; 16] = k
+                .get(17..)
+                .and_then(|u| u.try_into().ok())
+                .ok_or_else(|| corrupt("conversations", &k, "watermark key length"))?;
+            out.push((
+                UserId(uuid::Uuid::from_bytes(user)),
+                decode("conversations", &k, &v)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn put_watermarks(&self, id: ConversationId, user: UserId, wm: Watermarks) -> Result<()> {
+        let key = with_parts(id.as_bytes(), CONV_WATERMARK, &[user.as_bytes()]);
+        self.inner.conversations.insert(key, encode(&wm)?)?;
+        Ok(())
+    }
+
+    /// The seq up to which every member has the conversation in its inbox, if fan-out
+    /// was pending when last recorded.
+    pub fn fanout_mark(&self, id: ConversationId) -> Result<Option<u64>> {
+        get(
+            &self.inner.conversations,
+            "conversations",
+            &tagged(id.as_bytes(), CONV_FANOUT),
+        )
+    }
+
+    /// Records that fan-out beyond `done` is pending, so a restart resumes it.
+    pub fn mark_fanout(&self, id: ConversationId, done: u64) -> Result<()> {
+        self.inner.fanout.insert(id.as_bytes(), &[])?;
+        self.inner
+            .conversations
+            .insert(tagged(id.as_bytes(), CONV_FANOUT), encode(&done)?)?;
+        Ok(())
+    }
+
+    /// Fan-out has reached every member.
+    pub fn clear_fanout(&self, id: ConversationId) -> Result<()> {
+        self.inner
+            .conversations
+            .remove(tagged(id.as_bytes(), CONV_FANOUT))?;
+        self.inner.fanout.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Conversations whose fan-out was pending when the node last stopped.
+    pub fn pending_fanouts(&self) -> Result<Vec<ConversationId>> {
+        self.inner
+            .fanout
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let raw: [u8; 16] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("fanout", &k, "key length"))?;
+                Ok(ConversationId(uuid::Uuid::from_bytes(raw)))
+            })
+            .collect()
+    }
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    tree: &Tree,
+    name: &'static str,
+    key: &[u8],
+) -> Result<Option<T>> {
+    tree.get(key)?.map(|v| decode(name, key, &v)).transpose()
+}
+
+fn user_id_value(handle: &str, v: &[u8]) -> Result<UserId> {
+    let raw: [u8; 16] = v
+        .try_into()
+        .map_err(|_| corrupt("handles", handle.as_bytes(), "user id length"))?;
+    Ok(UserId(uuid::Uuid::from_bytes(raw)))
+}
+
+fn corrupt(tree: &'static str, key: &[u8], reason: &str) -> StorageError {
+    StorageError::Corrupt {
+        tree,
+        key: keys::show(key),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn msg(cid: ConversationId, seq: u64, sender: UserId) -> MessageRecord {
+        MessageRecord {
+            message_id: Uuid::now_v7(),
+            conversation_id: cid,
+            seq,
+            sender_id: sender,
+            kind: MessageKind::User,
+            body: format!("m{seq}"),
+            media: vec![],
+            client_msg_id: Some(Uuid::from_u128(seq as u128)),
+            ts: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_page_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cid, alice) = (ConversationId(Uuid::new_v4()), UserId::random());
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for seq in 1..=10 {
+                store.put_message(&msg(cid, seq, alice)).unwrap();
+            }
+            store.commit(10).await.unwrap();
+            assert_eq!(store.last_seq(cid).unwrap(), 10);
+            let seqs = |v: Vec<MessageRecord>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+            assert_eq!(
+                seqs(store.messages_between(cid, 0, u64::MAX, 3, true).unwrap()),
+                [8, 9, 10]
+            );
+            assert_eq!(
+                seqs(store.messages_between(cid, 2, u64::MAX, 3, false).unwrap()),
+                [3, 4, 5]
+            );
+            assert_eq!(
+                seqs(store.messages_between(cid, 0, 5, 2, true).unwrap()),
+                [3, 4]
+            );
+            assert_eq!(
+                seqs(store.messages_between(cid, 4, 5, 9, false).unwrap()),
+                Vec::<u64>::new()
+            );
+            assert_eq!(
+                store
+                    .idempotent_seq(cid, alice, &Uuid::from_u128(7))
+                    .unwrap(),
+                Some(7)
+            );
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_seq(cid).unwrap(), 10);
+        assert_eq!(store.message(cid, 4).unwrap().unwrap().body, "m4");
+    }
+
+    #[tokio::test]
+    async fn handles_are_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (UserId::random(), UserId::random());
+        assert_eq!(store.claim_handle("alice", a).unwrap(), None);
+        assert_eq!(store.claim_handle("alice", a).unwrap(), None);
+        assert_eq!(store.claim_handle("alice", b).unwrap(), Some(a));
+        store.release_handle("alice", b).unwrap();
+        assert_eq!(store.handle_owner("alice").unwrap(), Some(a));
+        store.release_handle("alice", a).unwrap();
+        assert_eq!(store.claim_handle("alice", b).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn inbox_append_is_atomic_and_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (u, cid) = (UserId::random(), ConversationId(Uuid::new_v4()));
+        let entries: Vec<_> = (1..=300)
+            .map(|i| {
+                (
+                    i,
+                    InboxEntry {
+                        conversation_id: cid,
+                        seq: i,
+                    },
+                )
+            })
+            .collect();
+        let conv = UserConversation {
+            conversation_id: cid,
+            kind: ConversationKind::Direct,
+            peer_id: Some(u),
+            head: 300,
+        };
+        store.append_inbox(u, &entries, &conv).unwrap();
+        assert_eq!(store.inbox_head(u).unwrap(), 300);
+        let page = store.inbox_range(u, 255, 300, 10).unwrap();
+        assert_eq!(page.first().map(|e| e.0), Some(256));
+        assert_eq!(page.len(), 10);
+        assert_eq!(store.inbox_range(u, 298, 299, 10).unwrap().len(), 1);
+        assert_eq!(store.user_conversations(u).unwrap(), vec![conv]);
+    }
+}
