@@ -53,12 +53,23 @@ impl<T> Reorder<T> {
         self.cursor
     }
 
-    /// Moves the cursor forward (never back), dropping held items it passes.
-    pub fn advance_to(&mut self, cursor: u64) {
+    /// Moves the cursor forward (never back), dropping held items it passes; returns
+    /// the held items that are now next in line.
+    pub fn advance_to(&mut self, cursor: u64) -> Vec<(u64, T)> {
         if cursor > self.cursor {
             self.cursor = cursor;
             self.held = self.held.split_off(&(cursor + 1));
         }
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<(u64, T)> {
+        let mut ready = Vec::new();
+        while let Some(item) = self.held.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
+            ready.push((self.cursor, item));
+        }
+        ready
     }
 
     /// Offers an item; returns the items now ready, in order. Duplicates are dropped.
@@ -70,12 +81,7 @@ impl<T> Reorder<T> {
         if self.held.len() > self.max_held {
             return Err(Overflow);
         }
-        let mut ready = Vec::new();
-        while let Some(item) = self.held.remove(&(self.cursor + 1)) {
-            self.cursor += 1;
-            ready.push((self.cursor, item));
-        }
-        Ok(ready)
+        Ok(self.drain())
     }
 
     /// Items held beyond a gap.
@@ -158,8 +164,11 @@ mod tests {
         assert_eq!(r.offer(5, ()), Err(Overflow));
         let mut r = Reorder::new(0, 10);
         r.offer(3, 'c').unwrap();
-        r.advance_to(2);
+        r.offer(5, 'e').unwrap();
+        assert_eq!(r.advance_to(2), vec![(3, 'c')]);
         assert_eq!(r.offer(1, 'a').unwrap(), vec![]);
         assert_eq!(r.cursor(), 3);
+        assert_eq!(r.advance_to(1), vec![]);
+        assert_eq!(r.offer(4, 'd').unwrap(), vec![(4, 'd'), (5, 'e')]);
     }
 }

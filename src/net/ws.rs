@@ -373,7 +373,8 @@ impl WsSession {
                         Some(m) => act.offer(ctx, inbox_seq, m),
                         None => {
                             tracing::error!(user = %act.user, inbox_seq, conversation_id = %e.conversation_id, seq = e.seq, "inbox entry without its message");
-                            act.reorder.advance_to(inbox_seq);
+                            let ready = act.reorder.advance_to(inbox_seq);
+                            act.emit(ctx, ready);
                         }
                     }
                 }
@@ -407,7 +408,8 @@ impl WsSession {
         if self.reorder.cursor() > head {
             self.reorder = Reorder::new(head, MAX_HELD_EVENTS);
         }
-        self.reorder.advance_to(head);
+        // The page ended at the head, so nothing can be held below it.
+        let _ = self.reorder.advance_to(head);
         let text = ServerFrame::Synced { inbox_seq: head }.to_text();
         self.write(ctx, text);
         self.phase = Phase::Live;

@@ -17,16 +17,23 @@ use tokio::sync::oneshot;
 use super::error::StorageError;
 use crate::metrics::metrics;
 
+enum Job {
+    Flush(Ticket),
+    /// The store is being dropped: exit, releasing the thread's database handle.
+    Stop,
+}
+
 struct Ticket {
     /// Writes this ticket stands for, for the batch-size metric.
     weight: u32,
     done: oneshot::Sender<Result<(), StorageError>>,
 }
 
-/// Handle to the flusher thread. Cheap to clone.
-#[derive(Clone)]
+/// Handle to the flusher thread. Dropping it stops the thread and waits for it, so the
+/// database lock is free once the store is gone.
 pub(crate) struct Committer {
-    tx: mpsc::Sender<Ticket>,
+    tx: mpsc::Sender<Job>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// The last flush error, until a flush succeeds again; read by `/healthz`.
     failure: Arc<Mutex<Option<String>>>,
 }
@@ -38,20 +45,24 @@ impl Committer {
         // flushes the device's write cache; an fdatasync of the log file after each flush
         // closes that gap for power loss, at one extra sync per batch.
         let log = File::open(dir.join("db"))?;
-        let (tx, rx) = mpsc::channel::<Ticket>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let failure = Arc::new(Mutex::new(None));
         let failure_thread = Arc::clone(&failure);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || run(db, log, rx, failure_thread))?;
-        Ok(Committer { tx, failure })
+        Ok(Committer {
+            tx,
+            thread: Some(thread),
+            failure,
+        })
     }
 
     /// Resolves once a flush covering every write made before this call is on disk.
     pub(crate) async fn commit(&self, weight: u32) -> Result<(), StorageError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Ticket { weight, done })
+            .send(Job::Flush(Ticket { weight, done }))
             .map_err(|_| StorageError::Closed)?;
         wait.await.map_err(|_| StorageError::Closed)?
     }
@@ -61,12 +72,30 @@ impl Committer {
     }
 }
 
-fn run(db: sled::Db, log: File, rx: mpsc::Receiver<Ticket>, failure: Arc<Mutex<Option<String>>>) {
+impl Drop for Committer {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Job::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(db: sled::Db, log: File, rx: mpsc::Receiver<Job>, failure: Arc<Mutex<Option<String>>>) {
     let m = metrics();
     let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        batch.extend(rx.try_iter());
+    let mut stop = false;
+    while !stop {
+        match rx.recv() {
+            Ok(Job::Flush(t)) => batch.push(t),
+            Ok(Job::Stop) | Err(_) => break,
+        }
+        for job in rx.try_iter() {
+            match job {
+                Job::Flush(t) => batch.push(t),
+                Job::Stop => stop = true,
+            }
+        }
         let started = Instant::now();
         let result = db
             .flush()
