@@ -1,22 +1,48 @@
 //! This node's live WebSocket sessions, by id.
 //!
 //! Entity actors push events to sessions through the router, naming them by
-//! [`SessionRef`]; this table turns the id into the session actor's mailbox. Pushes
-//! never wait: a full mailbox means the client is not keeping up, and the caller
-//! closes it (the client then resyncs from its cursor).
+//! [`SessionRef`](crate::actors::SessionRef); this table turns the id into the session
+//! actor's mailbox. Pushes never wait: a session that cannot take more is reported
+//! `Full`, and the caller closes it (the client then resyncs from its cursor).
+//!
+//! Why the byte count lives here and not in the session: an actix WebSocket actor runs
+//! inside its HTTP response stream, which the server polls only while the socket takes
+//! data. A client that stops reading therefore freezes its session actor, which can no
+//! longer look at its own queue. So the table counts the bytes pushed to each session
+//! and not yet taken by it, and refuses pushes past [`MAX_PENDING_BYTES`].
+//!
+//! Known limit: a frozen session also cannot run its heartbeat, so its socket lingers
+//! (holding at most the bounded backlog) until the client reads again or TCP gives up;
+//! it is detached from its user at once, so it receives nothing more.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use actix::Recipient;
 
 use crate::actors::{Delivery, SessionEvent};
 
+/// Bytes of events pushed to one session and not yet taken by it.
+pub const MAX_PENDING_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Roughly what an event costs in memory until the session takes it.
+pub fn event_cost(event: &SessionEvent) -> u64 {
+    match event {
+        SessionEvent::Inbox { message, .. } => 256 + message.body.len() as u64,
+        _ => 256,
+    }
+}
+
+struct Slot {
+    recipient: Recipient<SessionEvent>,
+    pending: Arc<AtomicU64>,
+}
+
 #[derive(Default)]
 pub struct SessionTable {
     next_id: AtomicU64,
-    sessions: Mutex<HashMap<u64, Recipient<SessionEvent>>>,
+    sessions: Mutex<HashMap<u64, Slot>>,
 }
 
 impl SessionTable {
@@ -24,8 +50,10 @@ impl SessionTable {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub fn insert(&self, id: u64, recipient: Recipient<SessionEvent>) {
-        self.lock().insert(id, recipient);
+    /// Registers a session; `pending` is the counter the session decrements as it takes
+    /// events.
+    pub fn insert(&self, id: u64, recipient: Recipient<SessionEvent>, pending: Arc<AtomicU64>) {
+        self.lock().insert(id, Slot { recipient, pending });
     }
 
     pub fn remove(&self, id: u64) {
@@ -33,16 +61,28 @@ impl SessionTable {
     }
 
     pub fn deliver(&self, id: u64, event: SessionEvent) -> Delivery {
-        let Some(recipient) = self.lock().get(&id).cloned() else {
+        let Some((recipient, pending)) = self
+            .lock()
+            .get(&id)
+            .map(|s| (s.recipient.clone(), Arc::clone(&s.pending)))
+        else {
             return Delivery::Gone;
         };
+        let cost = event_cost(&event);
         if let SessionEvent::Close { .. } = event {
             // A close must get through even to a full mailbox.
+            pending.fetch_add(cost, Ordering::Relaxed);
             recipient.do_send(event);
             return Delivery::Delivered;
         }
+        if pending.load(Ordering::Relaxed) + cost > MAX_PENDING_BYTES {
+            return Delivery::Full;
+        }
         match recipient.try_send(event) {
-            Ok(()) => Delivery::Delivered,
+            Ok(()) => {
+                pending.fetch_add(cost, Ordering::Relaxed);
+                Delivery::Delivered
+            }
             Err(actix::prelude::SendError::Full(_)) => Delivery::Full,
             Err(actix::prelude::SendError::Closed(_)) => {
                 self.remove(id);
@@ -51,7 +91,7 @@ impl SessionTable {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Recipient<SessionEvent>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -10,15 +10,19 @@
 //! live pushes that arrive while the replay is still running are held back until
 //! `synced` has been written.
 //!
-//! Memory: the bytes handed to actix but not yet taken by the socket are counted
-//! (`queued` minus `drained`). Past [`MAX_BACKLOG_BYTES`] the client is not reading and
-//! is disconnected with close code 1013; it reconnects and syncs from its cursor.
-//! Replay fetches its next page only once the backlog has drained.
+//! Memory: two bounds. Events pushed to the session but not yet handled are counted in
+//! bytes by the session table (see `sessions`: a session whose client stops reading
+//! is frozen by actix and cannot count for itself). Bytes the session has written but
+//! the socket has not taken are counted here (`queued` minus `drained`). Past either
+//! limit the client is not reading and is disconnected with close code 1013; it
+//! reconnects and syncs from its cursor. Replay fetches its next page only once the
+//! backlog has drained.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -37,6 +41,7 @@ use super::api::ApiError;
 use super::http::{authenticate, request_token};
 use super::protocol::*;
 use super::router::Router;
+use super::sessions::event_cost;
 use super::AppState;
 use crate::actors::sequence::Reorder;
 use crate::actors::*;
@@ -45,8 +50,9 @@ use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
 use crate::storage::MessageRecord;
 
-/// Events a session may have queued in its mailbox before pushes to it fail.
-const MAILBOX_CAPACITY: usize = 4096;
+/// Events a session may have queued in its mailbox before pushes to it fail (bytes are
+/// bounded separately, see `sessions`).
+const MAILBOX_CAPACITY: usize = 1024;
 /// Outgoing bytes not yet taken by the socket before the client counts as not reading.
 const MAX_BACKLOG_BYTES: u64 = 8 * 1024 * 1024;
 /// Replay waits for the backlog to fall below this before fetching the next page.
@@ -162,6 +168,8 @@ pub struct WsSession {
     last_heard: Instant,
     queued: u64,
     drained: Rc<Cell<u64>>,
+    /// Bytes pushed to this session and not yet handled; shared with the session table.
+    pending: Arc<AtomicU64>,
     /// A fragmented message being reassembled: (is text, bytes so far).
     fragments: Option<(bool, BytesMut)>,
     known_peers: HashSet<UserId>,
@@ -187,6 +195,7 @@ impl WsSession {
             last_heard: Instant::now(),
             queued: 0,
             drained,
+            pending: Arc::new(AtomicU64::new(0)),
             fragments: None,
             known_peers: HashSet::new(),
             closing: false,
@@ -602,9 +611,11 @@ impl Actor for WsSession {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         metrics().ws_connections.inc();
-        self.router
-            .sessions()
-            .insert(self.me.id, ctx.address().recipient());
+        self.router.sessions().insert(
+            self.me.id,
+            ctx.address().recipient(),
+            Arc::clone(&self.pending),
+        );
         let attach = self.router.user(
             self.user,
             UserRequest::Attach {
@@ -682,6 +693,10 @@ impl Handler<SessionEvent> for WsSession {
     type Result = ();
 
     fn handle(&mut self, event: SessionEvent, ctx: &mut Self::Context) {
+        self.pending.fetch_sub(
+            event_cost(&event).min(self.pending.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         match event {
             SessionEvent::Inbox { inbox_seq, message } => match self.phase {
                 Phase::Live => self.offer(ctx, inbox_seq, message),
