@@ -319,7 +319,17 @@ fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {col}: {msg}")
+            // Name the key when the error sits on a `key = value` line.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            match key {
+                Some(key) => format!("line {line}, column {col}: {key}: {msg}"),
+                None => format!("line {line}, column {col}: {msg}"),
+            }
         }
         None => msg.to_string(),
     }

@@ -347,7 +347,10 @@ async fn slow_reader_is_disconnected_and_can_resume() {
     }
 
     // b's socket ends (after whatever was already buffered).
-    let (code, _) = bw.expect_close(Duration::from_secs(30)).await;
+    let (code, read) = bw.expect_close(Duration::from_secs(30)).await;
+    eprintln!(
+        "slow reader: dropped after {sent} sends; it had read {read} frames; close code {code:?}"
+    );
     if let Some(code) = code {
         assert_eq!(code, 1013, "close code for a slow reader");
     }
