@@ -4,6 +4,11 @@
 //! parameters). Tokens are 48 random-looking bytes: the user id (so any node can route a
 //! token to its user's home without a lookup) and 32 random bytes, base64url-encoded.
 //! Only the token's SHA-256 is stored: a leaked database holds no usable token.
+//!
+//! Argon2 is slow and memory-hard by design (19 MiB per hash with the default
+//! parameters), so every hash and check runs on the blocking pool behind one semaphore
+//! sized to the CPU count: a burst of registrations or logins queues instead of taking
+//! 19 MiB per request at once.
 
 use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
@@ -13,6 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use std::sync::OnceLock;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::messages::TokenHash;
@@ -23,7 +30,33 @@ pub const TOKEN_LIFETIME_MS: i64 = 30 * 24 * 3600 * 1000;
 
 const TOKEN_BYTES: usize = 48;
 
-/// Hashes a password into a PHC string. CPU-heavy: call off the actor threads.
+fn argon2_permits() -> &'static Semaphore {
+    static PERMITS: OnceLock<Semaphore> = OnceLock::new();
+    PERMITS
+        .get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
+/// Runs Argon2 work on the blocking pool, at most one job per CPU at a time.
+async fn bounded<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let _permit = argon2_permits().acquire().await.ok()?;
+    tokio::task::spawn_blocking(job).await.ok()
+}
+
+/// Hashes a password into a PHC string, off the calling thread.
+pub async fn hash_password_bounded(password: String) -> Result<String, String> {
+    bounded(move || hash_password(&password))
+        .await
+        .unwrap_or_else(|| Err("password hashing was interrupted".into()))
+}
+
+/// Checks a password against a PHC string, off the calling thread.
+pub async fn verify_password_bounded(password: String, phc: String) -> bool {
+    bounded(move || verify_password(&password, &phc))
+        .await
+        .unwrap_or(false)
+}
+
+/// Hashes a password into a PHC string. CPU-heavy: use the `_bounded` form on servers.
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -32,7 +65,7 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Checks a password against a PHC string. CPU-heavy: call off the actor threads.
+/// Checks a password against a PHC string. CPU-heavy: use the `_bounded` form on servers.
 pub fn verify_password(password: &str, phc: &str) -> bool {
     PasswordHash::new(phc)
         .map(|h| {

@@ -187,7 +187,7 @@ impl UserActor {
         let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
             return done(Err(ActorError::InvalidCredentials));
         };
-        let verify = actix_web_blocking(move || auth::verify_password(&password, &phc));
+        let verify = auth::verify_password_bounded(password, phc);
         Box::pin(wrap_future::<_, Self>(verify).then(|ok, act, _| {
             if !ok {
                 return done(Err(ActorError::InvalidCredentials));
@@ -438,11 +438,6 @@ impl UserActor {
 
 fn done(r: Result<UserReply, ActorError>) -> Reply {
     Box::pin(ready(r))
-}
-
-/// Runs CPU-heavy work (argon2) on the blocking pool, off the actor's thread.
-async fn actix_web_blocking<F: FnOnce() -> bool + Send + 'static>(f: F) -> bool {
-    tokio::task::spawn_blocking(f).await.unwrap_or(false)
 }
 
 impl Actor for UserActor {

@@ -250,10 +250,8 @@ async fn register(
         ));
     }
     // Hashing is deliberately slow: keep it off the worker and the actors.
-    let password = body.password;
-    let password_hash = web::block(move || auth::hash_password(&password))
+    let password_hash = auth::hash_password_bounded(body.password)
         .await
-        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
         .map_err(|e| ApiError::new(500, "internal", e))?;
     let user_id = UserId::random();
     let router = &state.router;
