@@ -129,9 +129,8 @@ async fn bad_frames_get_error_frames_and_store_nothing() {
     assert_eq!(late["seq"], 3, "{late}");
 
     // Second sync on one connection.
-    aw.sync(0).await;
+    aw.sync_n(0, 3).await;
     expect_error(&mut aw, r#"{"type":"sync","after":0}"#, "bad_request", None).await;
-    aw.take_pending_type("message");
 
     // A non-member posting to the conversation.
     let mut cw = node.ws(&c.token).await;
@@ -160,9 +159,15 @@ async fn bad_frames_get_error_frames_and_store_nothing() {
     let convs = node.get("/conversations", Some(&c.token)).await;
     assert_eq!(convs.body, json!([]), "c's conversations: {}", convs.text);
     let mut bw = node.ws(&b.token).await;
-    let s = bw.sync(0).await;
-    assert_eq!(s.messages.len(), 3, "b's inbox: {:?}", s.messages);
-    assert_eq!(s.inbox_seq, 3);
+    let s = bw.sync_n(0, 3).await;
+    let ids: Vec<&Value> = s
+        .messages
+        .iter()
+        .map(|f| &f["message"]["message_id"])
+        .collect();
+    let hist_ids: Vec<&Value> = h.iter().map(|m| &m["message_id"]).collect();
+    assert_eq!(ids, hist_ids, "b's inbox holds exactly the stored messages");
+    bw.expect_no_frame_for(QUIET_MS).await;
 }
 
 #[tokio::test]
@@ -188,6 +193,7 @@ async fn frame_over_max_frame_bytes_closes_with_1009() {
     let mut bw = node.ws(&b.token).await;
     let s = bw.sync(0).await;
     assert!(s.messages.is_empty(), "nothing stored: {:?}", s.messages);
+    bw.expect_no_frame_for(QUIET_MS).await;
     let mut aw2 = node.ws(&a.token).await;
     aw2.ping_pong().await;
     let ack = aw2.send_to_user(&b.id, "still works").await;
@@ -357,19 +363,14 @@ async fn slow_reader_is_disconnected_and_can_resume() {
 
     // Reconnect and sync from the start: every acked message, gap-free.
     let mut b2 = node.ws(&b.token).await;
-    let s = b2.sync(0).await;
-    assert_eq!(
-        s.messages.len(),
-        sent,
-        "all acked messages are in b's inbox"
-    );
+    let s = b2.sync_n(0, sent).await;
     let seqs: Vec<u64> = s
         .messages
         .iter()
         .map(|f| u64_field(f, "inbox_seq"))
         .collect();
-    assert_eq!(seqs, (1..=sent as u64).collect::<Vec<_>>());
-    assert_eq!(s.inbox_seq, sent as u64);
+    assert_eq!(seqs, (1..=sent as u64).collect::<Vec<_>>(), "b's inbox");
+    b2.expect_no_frame_for(QUIET_MS).await;
 }
 
 /// A WebSocket text frame header announcing 1000 masked bytes, plus 10 of them.
@@ -432,8 +433,7 @@ async fn clients_vanishing_mid_frame_do_not_disturb_others() {
         .await;
     assert!(ok, "vanished client should go offline with last_seen: {u}");
     let mut c3 = node.ws(&c.token).await;
-    let s = c3.sync(0).await;
-    assert_eq!(s.messages.len(), 1, "c's inbox: {:?}", s.messages);
+    let s = c3.sync_n(0, 1).await;
     assert_eq!(s.messages[0]["message"]["message_id"], ack2["message_id"]);
     c3.ping_pong().await;
 }

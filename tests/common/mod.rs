@@ -867,6 +867,42 @@ impl Ws {
         }
     }
 
+    /// Sends `sync` after `after` and collects `n` message events in all: the
+    /// replay, then live ones after `synced` (messages acked to their sender
+    /// may reach this inbox a moment later; the contract allows them to come
+    /// live). Checks the replay is contiguous from `after + 1` and that
+    /// `synced.inbox_seq` is the last replayed one; the caller checks the rest.
+    pub async fn sync_n(&mut self, after: u64, n: usize) -> Synced {
+        let s = self.sync(after).await;
+        let replayed: Vec<u64> = s
+            .messages
+            .iter()
+            .map(|f| u64_field(f, "inbox_seq"))
+            .collect();
+        let want: Vec<u64> = (after + 1..=after + replayed.len() as u64).collect();
+        assert_eq!(replayed, want, "replay after {after} {}", self.ctx);
+        if let Some(&last) = replayed.last() {
+            assert_eq!(
+                s.inbox_seq, last,
+                "synced.inbox_seq after replay {}",
+                self.ctx
+            );
+        }
+        assert!(
+            s.messages.len() <= n,
+            "replay gave {} messages, expected {n} {}",
+            s.messages.len(),
+            self.ctx
+        );
+        let mut messages = s.messages;
+        let more = n - messages.len();
+        messages.extend(self.recv_messages(more).await);
+        Synced {
+            messages,
+            inbox_seq: s.inbox_seq,
+        }
+    }
+
     /// Collects `n` `message` frames (pending first); other frames are held.
     pub async fn recv_messages(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::with_capacity(n);
