@@ -538,7 +538,7 @@ impl Handler<ConversationCall> for ConversationActor {
             ctx.stop();
             return done(Err(e.clone()));
         }
-        let reply = match req {
+        match req {
             ConversationRequest::Post {
                 sender,
                 client_msg_id,
@@ -564,14 +564,6 @@ impl Handler<ConversationCall> for ConversationActor {
                 self.pump(ctx);
                 done(Ok(ConversationReply::Done))
             }
-        };
-        if self.record.is_none() {
-            // No such conversation (and this call did not create it): answer, then stop.
-            return Box::pin(reply.map(|r, _, ctx: &mut Context<Self>| {
-                ctx.stop();
-                r
-            }));
         }
-        reply
     }
 }

@@ -440,14 +440,6 @@ fn done(r: Result<UserReply, ActorError>) -> Reply {
     Box::pin(ready(r))
 }
 
-/// Answers, then stops the actor. Stopping inside the handler would drop the answer.
-fn done_then_stop(r: Result<UserReply, ActorError>) -> Reply {
-    Box::pin(ready(r).map(|r, _, ctx: &mut Context<UserActor>| {
-        ctx.stop();
-        r
-    }))
-}
-
 impl Actor for UserActor {
     type Context = Context<Self>;
 
@@ -490,12 +482,11 @@ impl Handler<UserCall> for UserActor {
                     display_name,
                     password_hash,
                 } => self.create(handle, display_name, password_hash),
-                // No such user: answer, then stop (ids are cheap to make up).
-                UserRequest::Login { .. } => done_then_stop(Err(ActorError::InvalidCredentials)),
+                UserRequest::Login { .. } => done(Err(ActorError::InvalidCredentials)),
                 UserRequest::Authenticate { .. }
                 | UserRequest::Logout { .. }
-                | UserRequest::Attach { .. } => done_then_stop(Err(ActorError::Unauthorized)),
-                _ => done_then_stop(Err(ActorError::UnknownUser)),
+                | UserRequest::Attach { .. } => done(Err(ActorError::Unauthorized)),
+                _ => done(Err(ActorError::UnknownUser)),
             };
         }
         match req {
