@@ -26,7 +26,7 @@ pub struct SessionRef {
 }
 
 /// Which watermark a receipt moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReceiptStatus {
     Delivered,
     Read,

@@ -78,15 +78,19 @@ impl SessionTable {
         if pending.load(Ordering::Relaxed) + cost > MAX_PENDING_BYTES {
             return Delivery::Full;
         }
+        // Count before sending: the session may handle (and subtract) it at once.
+        pending.fetch_add(cost, Ordering::Relaxed);
         match recipient.try_send(event) {
-            Ok(()) => {
-                pending.fetch_add(cost, Ordering::Relaxed);
-                Delivery::Delivered
-            }
-            Err(actix::prelude::SendError::Full(_)) => Delivery::Full,
-            Err(actix::prelude::SendError::Closed(_)) => {
-                self.remove(id);
-                Delivery::Gone
+            Ok(()) => Delivery::Delivered,
+            Err(e) => {
+                pending.fetch_sub(cost, Ordering::Relaxed);
+                match e {
+                    actix::prelude::SendError::Full(_) => Delivery::Full,
+                    actix::prelude::SendError::Closed(_) => {
+                        self.remove(id);
+                        Delivery::Gone
+                    }
+                }
             }
         }
     }

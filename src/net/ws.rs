@@ -19,7 +19,7 @@
 //! backlog has drained.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +61,10 @@ const REPLAY_PAGE: usize = 128;
 const REPLAY_POLL: Duration = Duration::from_millis(10);
 /// Inbox events held beyond a gap, or waiting for the replay to finish.
 const MAX_HELD_EVENTS: usize = 20_000;
+/// How long `delivered`/`read` frames are gathered before they are applied.
+const MARK_WINDOW: Duration = Duration::from_millis(100);
+/// Distinct (conversation, status) marks one window may hold.
+const MAX_MARKS_PER_WINDOW: usize = 32;
 /// Peers known to exist, so a `send` to them skips the existence check.
 const KNOWN_PEERS: usize = 1024;
 
@@ -162,8 +166,14 @@ pub struct WsSession {
     limits: Arc<Limits>,
     phase: Phase,
     reorder: Reorder<Arc<MessageRecord>>,
+    /// Replayed entries not yet written (`None`: the message could not be read).
+    replay: VecDeque<(u64, Option<Arc<MessageRecord>>)>,
+    /// Set when the page being written reached the head: go live after it.
+    replay_head: Option<u64>,
     /// Live pushes that arrived during replay, written after `synced`.
     early: Vec<(u64, Arc<MessageRecord>)>,
+    /// Body bytes held in `early`.
+    early_bytes: u64,
     bucket: Bucket,
     last_heard: Instant,
     queued: u64,
@@ -173,7 +183,21 @@ pub struct WsSession {
     /// A fragmented message being reassembled: (is text, bytes so far).
     fragments: Option<(bool, BytesMut)>,
     known_peers: HashSet<UserId>,
+    /// Watermarks waiting for the end of the current window.
+    marks: HashMap<(ConversationId, ReceiptStatus), u64>,
+    /// Sends waiting for a peer's existence check, in arrival order, by peer.
+    peer_checks: HashMap<UserId, Vec<PendingSend>>,
     closing: bool,
+}
+
+/// A validated `send`, ready to post.
+struct PendingSend {
+    conversation_id: ConversationId,
+    peer: Option<UserId>,
+    client_msg_id: Uuid,
+    cmid_raw: String,
+    body: String,
+    media: Vec<Uuid>,
 }
 
 impl WsSession {
@@ -191,6 +215,9 @@ impl WsSession {
             phase: Phase::Fresh,
             reorder: Reorder::new(0, MAX_HELD_EVENTS),
             early: Vec::new(),
+            early_bytes: 0,
+            replay: VecDeque::new(),
+            replay_head: None,
             bucket: Bucket::new(state.limits.sends_per_second),
             last_heard: Instant::now(),
             queued: 0,
@@ -198,6 +225,8 @@ impl WsSession {
             pending: Arc::new(AtomicU64::new(0)),
             fragments: None,
             known_peers: HashSet::new(),
+            peer_checks: HashMap::new(),
+            marks: HashMap::new(),
             closing: false,
         }
     }
@@ -377,20 +406,15 @@ impl WsSession {
         };
         ctx.spawn(wrap_future::<_, Self>(fut).map(move |res, act, ctx| match res {
             Ok((entries, mut messages, live_head)) => {
-                for (inbox_seq, e) in entries {
-                    match messages.remove(&(e.conversation_id, e.seq)) {
-                        Some(m) => act.offer(ctx, inbox_seq, m),
-                        None => {
-                            tracing::error!(user = %act.user, inbox_seq, conversation_id = %e.conversation_id, seq = e.seq, "inbox entry without its message");
-                            let ready = act.reorder.advance_to(inbox_seq);
-                            act.emit(ctx, ready);
-                        }
+                act.replay.extend(entries.into_iter().map(|(inbox_seq, e)| {
+                    let m = messages.remove(&(e.conversation_id, e.seq));
+                    if m.is_none() {
+                        tracing::error!(user = %act.user, inbox_seq, conversation_id = %e.conversation_id, seq = e.seq, "inbox entry without its message");
                     }
-                }
-                match live_head {
-                    Some(head) => act.go_live(ctx, head),
-                    None => act.next_page_when_drained(ctx),
-                }
+                    (inbox_seq, m)
+                }));
+                act.replay_head = live_head;
+                act.drain_replay(ctx);
             }
             Err(e) => {
                 act.actor_error(ctx, &e, None);
@@ -399,16 +423,36 @@ impl WsSession {
         }));
     }
 
-    fn next_page_when_drained(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    /// Writes replayed entries while the socket keeps up, then fetches the next page or
+    /// goes live. A page is never written in one go: a page of large messages would
+    /// otherwise trip the backlog limit on a client that reads perfectly well.
+    fn drain_replay(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if self.closing {
             return;
         }
-        if self.backlog() > REPLAY_LOW_WATER {
-            ctx.run_later(REPLAY_POLL, |act, ctx| act.next_page_when_drained(ctx));
+        while self.backlog() <= REPLAY_LOW_WATER {
+            let Some((inbox_seq, message)) = self.replay.pop_front() else {
+                break;
+            };
+            match message {
+                Some(m) => self.offer(ctx, inbox_seq, m),
+                None => {
+                    let ready = self.reorder.advance_to(inbox_seq);
+                    self.emit(ctx, ready);
+                }
+            }
+        }
+        if !self.replay.is_empty() || self.backlog() > REPLAY_LOW_WATER {
+            ctx.run_later(REPLAY_POLL, |act, ctx| act.drain_replay(ctx));
             return;
         }
-        let after = self.reorder.cursor();
-        self.fetch_page(ctx, after);
+        match self.replay_head.take() {
+            Some(head) => self.go_live(ctx, head),
+            None => {
+                let after = self.reorder.cursor();
+                self.fetch_page(ctx, after);
+            }
+        }
     }
 
     fn go_live(&mut self, ctx: &mut ws::WebsocketContext<Self>, head: u64) {
@@ -422,6 +466,7 @@ impl WsSession {
         let text = ServerFrame::Synced { inbox_seq: head }.to_text();
         self.write(ctx, text);
         self.phase = Phase::Live;
+        self.early_bytes = 0;
         for (seq, m) in std::mem::take(&mut self.early) {
             self.offer(ctx, seq, m);
         }
@@ -429,7 +474,7 @@ impl WsSession {
 
     fn on_send(&mut self, ctx: &mut ws::WebsocketContext<Self>, send: SendFrame) {
         let cmid_raw = send.client_msg_id.clone();
-        let cmid = Some(cmid_raw.as_str());
+        let cmid = Some(send.client_msg_id.as_str());
         let Ok(client_msg_id) = Uuid::parse_str(&send.client_msg_id) else {
             return self.error(ctx, "bad_request", "client_msg_id is not a UUID", cmid);
         };
@@ -476,34 +521,64 @@ impl WsSession {
             let msg = format!("over {} sends per second", self.limits.sends_per_second);
             return self.error(ctx, "rate_limited", &msg, cmid);
         }
-        let check_peer = peer.filter(|p| !self.known_peers.contains(p));
-        let router = Arc::clone(&self.router);
-        let sender = self.user;
-        let fut = async move {
-            if let Some(p) = check_peer {
-                router.user(p, UserRequest::Profile).await?;
-            }
-            router
-                .conversation(
-                    conversation_id,
-                    ConversationRequest::Post {
-                        sender,
-                        client_msg_id,
-                        body: send.body,
-                        media,
-                        direct_peer: peer,
-                    },
-                )
-                .await
+        let send = PendingSend {
+            conversation_id,
+            peer,
+            client_msg_id,
+            cmid_raw,
+            body: send.body,
+            media,
         };
-        ctx.spawn(
-            wrap_future::<_, Self>(fut).map(move |res, act, ctx| match res {
-                Ok(ConversationReply::Ack(ack)) => {
-                    if let Some(p) = check_peer {
-                        if act.known_peers.len() < KNOWN_PEERS {
-                            act.known_peers.insert(p);
+        match peer {
+            Some(p) if !self.known_peers.contains(&p) => {
+                // Sends wait behind the peer's existence check so that a burst to a new
+                // peer is stored in the order it was sent.
+                if let Some(queue) = self.peer_checks.get_mut(&p) {
+                    queue.push(send);
+                    return;
+                }
+                self.peer_checks.insert(p, vec![send]);
+                let check = self.router.user(p, UserRequest::Profile);
+                ctx.spawn(wrap_future::<_, Self>(check).map(move |res, act, ctx| {
+                    let queued = act.peer_checks.remove(&p).unwrap_or_default();
+                    match res {
+                        Ok(_) => {
+                            if act.known_peers.len() < KNOWN_PEERS {
+                                act.known_peers.insert(p);
+                            }
+                            for s in queued {
+                                act.post(ctx, s);
+                            }
+                        }
+                        Err(e) => {
+                            for s in queued {
+                                act.actor_error(ctx, &e, Some(&s.cmid_raw));
+                            }
                         }
                     }
+                }));
+            }
+            _ => self.post(ctx, send),
+        }
+    }
+
+    /// Posts a validated send to its conversation and answers with the ack or an error.
+    /// Posts are issued in the order sends arrived; the conversation's mailbox keeps it.
+    fn post(&mut self, ctx: &mut ws::WebsocketContext<Self>, send: PendingSend) {
+        let call = self.router.conversation(
+            send.conversation_id,
+            ConversationRequest::Post {
+                sender: self.user,
+                client_msg_id: send.client_msg_id,
+                body: send.body,
+                media: send.media,
+                direct_peer: send.peer,
+            },
+        );
+        let cmid_raw = send.cmid_raw;
+        ctx.spawn(
+            wrap_future::<_, Self>(call).map(move |res, act, ctx| match res {
+                Ok(ConversationReply::Ack(ack)) => {
                     let text = ServerFrame::Ack(&ack).to_text();
                     act.write(ctx, text);
                 }
@@ -522,19 +597,39 @@ impl WsSession {
         let Ok(cid) = m.conversation_id.parse::<ConversationId>() else {
             return self.error(ctx, "bad_request", "conversation_id is not a UUID", None);
         };
-        let call = self.router.conversation(
-            cid,
-            ConversationRequest::Mark {
-                user: self.user,
-                status,
-                seq: m.seq,
-            },
-        );
-        ctx.spawn(wrap_future::<_, Self>(call).map(|res, act, ctx| {
-            if let Err(e) = res {
-                act.actor_error(ctx, &e, None);
-            }
-        }));
+        // Watermarks are cumulative, so a burst of them collapses to the highest per
+        // conversation: clients may send one per message received without each costing
+        // a call, and a flood costs at most MAX_MARKS_PER_WINDOW calls per window.
+        if !self.marks.contains_key(&(cid, status)) && self.marks.len() >= MAX_MARKS_PER_WINDOW {
+            let msg = format!(
+                "over {MAX_MARKS_PER_WINDOW} conversations marked per {} ms",
+                MARK_WINDOW.as_millis()
+            );
+            return self.error(ctx, "rate_limited", &msg, None);
+        }
+        let seq = self.marks.entry((cid, status)).or_insert(0);
+        *seq = (*seq).max(m.seq);
+        if self.marks.len() == 1 {
+            ctx.run_later(MARK_WINDOW, |act, ctx| act.flush_marks(ctx));
+        }
+    }
+
+    fn flush_marks(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        for ((cid, status), seq) in std::mem::take(&mut self.marks) {
+            let call = self.router.conversation(
+                cid,
+                ConversationRequest::Mark {
+                    user: self.user,
+                    status,
+                    seq,
+                },
+            );
+            ctx.spawn(wrap_future::<_, Self>(call).map(|res, act, ctx| {
+                if let Err(e) = res {
+                    act.actor_error(ctx, &e, None);
+                }
+            }));
+        }
     }
 
     fn on_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, msg: WsMessage) {
@@ -700,7 +795,11 @@ impl Handler<SessionEvent> for WsSession {
         match event {
             SessionEvent::Inbox { inbox_seq, message } => match self.phase {
                 Phase::Live => self.offer(ctx, inbox_seq, message),
-                Phase::Syncing if self.early.len() < MAX_HELD_EVENTS => {
+                Phase::Syncing
+                    if self.early.len() < MAX_HELD_EVENTS
+                        && self.early_bytes < MAX_BACKLOG_BYTES =>
+                {
+                    self.early_bytes += message.body.len() as u64;
                     self.early.push((inbox_seq, message))
                 }
                 Phase::Syncing => self.close(
