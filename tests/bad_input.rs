@@ -466,3 +466,36 @@ async fn heartbeat_drops_a_silent_client() {
     );
     aw.expect_close(Duration::from_secs(10)).await;
 }
+
+/// A client that stops reading while the server writes to it freezes its session (the
+/// socket is full, so the server stops polling it): it must still be dropped from
+/// presence after the heartbeat timeout, not linger "online".
+#[tokio::test]
+async fn frozen_reader_goes_offline_after_the_timeout() {
+    let node = Node::start("heartbeat_interval_ms = 200\nheartbeat_timeout_ms = 1000").await;
+    let a = node.user("fza").await;
+    let b = node.user("fzb").await;
+    let mut bw = node.ws_small_rcvbuf(&b.token, 4096).await;
+    bw.sync(0).await;
+    // Pings whose pongs b never reads, until the server's writes back up and b's own
+    // writes stall.
+    let ping = json!({"type": "ping"}).to_string();
+    for _ in 0..400_000 {
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            bw.try_send_text(ping.clone()),
+        )
+        .await;
+        if !matches!(sent, Ok(true)) {
+            break;
+        }
+    }
+    let (u, ok) = node
+        .poll_user(&a.token, &b.id, std::time::Duration::from_secs(20), |u| {
+            u["online"] == false
+        })
+        .await;
+    assert!(ok, "a frozen reader stayed online: {u}");
+    assert!(u["last_seen"].is_u64(), "last_seen set: {u}");
+    drop(bw);
+}

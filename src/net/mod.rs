@@ -82,6 +82,33 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         });
     }
 
+    // Sessions frozen by a client that stopped reading cannot run their own heartbeat:
+    // sweep them here, so their users go offline on time.
+    let sweeper = Arc::clone(&router);
+    let (interval, timeout) = (
+        config.limits.heartbeat_interval(),
+        config.limits.heartbeat_timeout_ms,
+    );
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            let stale_before = u64::try_from(crate::now_ms())
+                .unwrap_or(0)
+                .saturating_sub(timeout);
+            for (session, user) in sweeper.sessions().sweep(sweeper.node_id(), stale_before) {
+                crate::metrics::metrics()
+                    .disconnects
+                    .with_label_values(&["heartbeat_frozen"])
+                    .inc();
+                let detach = sweeper.user(user, crate::actors::UserRequest::Detach { session });
+                actix::spawn(async move {
+                    let _ = detach.await;
+                });
+            }
+        }
+    });
+
     let state = AppState {
         router,
         limits: Arc::new(config.limits.clone()),

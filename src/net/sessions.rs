@@ -11,9 +11,12 @@
 //! longer look at its own queue. So the table counts the bytes pushed to each session
 //! and not yet taken by it, and refuses pushes past [`MAX_PENDING_BYTES`].
 //!
-//! Known limit: a frozen session also cannot run its heartbeat, so its socket lingers
-//! (holding at most the bounded backlog) until the client reads again or TCP gives up;
-//! it is detached from its user at once, so it receives nothing more.
+//! A frozen session also cannot run its heartbeat. So each session stamps
+//! `alive_at` on every heartbeat tick, and [`SessionTable::sweep`] (run by the node on
+//! the heartbeat interval) removes sessions whose stamp is older than the heartbeat
+//! timeout; the node then detaches them from their users, who go offline. The socket
+//! itself lingers (with its bounded backlog) until the client reads again, when the
+//! session finds itself swept and closes, or until TCP gives up.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use actix::Recipient;
 
-use crate::actors::{Delivery, SessionEvent};
+use crate::actors::{Delivery, SessionEvent, SessionRef};
+use crate::ids::UserId;
 
 /// Bytes of events pushed to one session and not yet taken by it.
 pub const MAX_PENDING_BYTES: u64 = 4 * 1024 * 1024;
@@ -34,9 +38,19 @@ pub fn event_cost(event: &SessionEvent) -> u64 {
     }
 }
 
+/// What a session shares with the table.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    /// Bytes pushed to the session and not yet handled by it.
+    pub pending: AtomicU64,
+    /// When the session's heartbeat last ran (ms since the epoch).
+    pub alive_at: AtomicU64,
+}
+
 struct Slot {
     recipient: Recipient<SessionEvent>,
-    pending: Arc<AtomicU64>,
+    user: UserId,
+    gauge: Arc<Gauge>,
 }
 
 #[derive(Default)]
@@ -50,25 +64,66 @@ impl SessionTable {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers a session; `pending` is the counter the session decrements as it takes
-    /// events.
-    pub fn insert(&self, id: u64, recipient: Recipient<SessionEvent>, pending: Arc<AtomicU64>) {
-        self.lock().insert(id, Slot { recipient, pending });
+    /// Registers a session with the gauge it keeps up to date.
+    pub fn insert(
+        &self,
+        id: u64,
+        recipient: Recipient<SessionEvent>,
+        user: UserId,
+        gauge: Arc<Gauge>,
+    ) {
+        self.lock().insert(
+            id,
+            Slot {
+                recipient,
+                user,
+                gauge,
+            },
+        );
     }
 
     pub fn remove(&self, id: u64) {
         self.lock().remove(&id);
     }
 
+    pub fn contains(&self, id: u64) -> bool {
+        self.lock().contains_key(&id)
+    }
+
+    /// Removes the sessions whose heartbeat has not run since `stale_before` (ms) and
+    /// returns them with their users, to be detached.
+    pub fn sweep(&self, node: &str, stale_before: u64) -> Vec<(SessionRef, UserId)> {
+        let mut map = self.lock();
+        let stale: Vec<u64> = map
+            .iter()
+            .filter(|(_, s)| s.gauge.alive_at.load(Ordering::Relaxed) < stale_before)
+            .map(|(id, _)| *id)
+            .collect();
+        stale
+            .into_iter()
+            .filter_map(|id| map.remove(&id).map(|s| (id, s.user)))
+            .map(|(id, user)| {
+                (
+                    SessionRef {
+                        node: node.to_string(),
+                        id,
+                    },
+                    user,
+                )
+            })
+            .collect()
+    }
+
     pub fn deliver(&self, id: u64, event: SessionEvent) -> Delivery {
-        let Some((recipient, pending)) = self
+        let Some((recipient, gauge)) = self
             .lock()
             .get(&id)
-            .map(|s| (s.recipient.clone(), Arc::clone(&s.pending)))
+            .map(|s| (s.recipient.clone(), Arc::clone(&s.gauge)))
         else {
             return Delivery::Gone;
         };
         let cost = event_cost(&event);
+        let pending = &gauge.pending;
         if let SessionEvent::Close { .. } = event {
             // A close must get through even to a full mailbox.
             pending.fetch_add(cost, Ordering::Relaxed);

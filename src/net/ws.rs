@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use super::api::ApiError;
 use super::http::{authenticate, request_token};
 use super::protocol::*;
 use super::router::Router;
-use super::sessions::event_cost;
+use super::sessions::{event_cost, Gauge};
 use super::AppState;
 use crate::actors::sequence::Reorder;
 use crate::actors::*;
@@ -106,6 +106,10 @@ where
         }
         poll
     }
+}
+
+fn now_ms_u64() -> u64 {
+    u64::try_from(crate::now_ms()).unwrap_or(0)
 }
 
 /// Bytes of a server frame (unmasked) carrying `len` payload bytes.
@@ -178,8 +182,9 @@ pub struct WsSession {
     last_heard: Instant,
     queued: u64,
     drained: Rc<Cell<u64>>,
-    /// Bytes pushed to this session and not yet handled; shared with the session table.
-    pending: Arc<AtomicU64>,
+    /// Bytes pushed and not yet handled, and heartbeat liveness; shared with the
+    /// session table.
+    gauge: Arc<Gauge>,
     /// A fragmented message being reassembled: (is text, bytes so far).
     fragments: Option<(bool, BytesMut)>,
     known_peers: HashSet<UserId>,
@@ -222,7 +227,7 @@ impl WsSession {
             last_heard: Instant::now(),
             queued: 0,
             drained,
-            pending: Arc::new(AtomicU64::new(0)),
+            gauge: Arc::new(Gauge::default()),
             fragments: None,
             known_peers: HashSet::new(),
             peer_checks: HashMap::new(),
@@ -706,10 +711,12 @@ impl Actor for WsSession {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         metrics().ws_connections.inc();
+        self.gauge.alive_at.store(now_ms_u64(), Ordering::Relaxed);
         self.router.sessions().insert(
             self.me.id,
             ctx.address().recipient(),
-            Arc::clone(&self.pending),
+            self.user,
+            Arc::clone(&self.gauge),
         );
         let attach = self.router.user(
             self.user,
@@ -740,6 +747,13 @@ impl Actor for WsSession {
                 );
                 return;
             }
+            if !act.router.sessions().contains(act.me.id) {
+                // Swept while frozen (the client had stopped reading): it was detached
+                // and its user went offline, so this connection is over.
+                act.close(ctx, CloseCode::Away, "heartbeat timeout", "swept");
+                return;
+            }
+            act.gauge.alive_at.store(now_ms_u64(), Ordering::Relaxed);
             act.queued += frame_len(0);
             ctx.ping(b"");
         });
@@ -788,10 +802,9 @@ impl Handler<SessionEvent> for WsSession {
     type Result = ();
 
     fn handle(&mut self, event: SessionEvent, ctx: &mut Self::Context) {
-        self.pending.fetch_sub(
-            event_cost(&event).min(self.pending.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let cost = event_cost(&event);
+        let pending = &self.gauge.pending;
+        pending.fetch_sub(cost.min(pending.load(Ordering::Relaxed)), Ordering::Relaxed);
         match event {
             SessionEvent::Inbox { inbox_seq, message } => match self.phase {
                 Phase::Live => self.offer(ctx, inbox_seq, message),
