@@ -38,8 +38,10 @@ use crate::storage::{
 const MAILBOX_CAPACITY: usize = 4096;
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(500);
-/// Messages kept in memory for fan-out; older ones are read back from storage.
+/// Messages kept in memory for fan-out (by count and by body bytes); older ones are
+/// read back from storage.
 const RECENT_MESSAGES: usize = 1024;
+const RECENT_BYTES: usize = 1024 * 1024;
 /// Most messages sent to one member in one append.
 const FANOUT_BATCH: u64 = 256;
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -77,10 +79,16 @@ pub struct ConversationActor {
     last_seq: u64,
     /// Highest seq known flushed: the only ones acked, fanned out or shown in history.
     durable_seq: u64,
+    /// Watermarks known durable: what receipts and views show.
     watermarks: HashMap<UserId, Watermarks>,
+    /// Watermarks written, possibly not yet flushed: what new marks are compared to,
+    /// so that stored values only ever rise.
+    written_watermarks: HashMap<UserId, Watermarks>,
     members: HashMap<UserId, Member>,
     /// The newest messages, ascending by seq, for fan-out without reads.
     recent: VecDeque<Arc<MessageRecord>>,
+    /// Body bytes held in `recent`.
+    recent_bytes: usize,
     /// Whether the persistent fan-out-pending mark is set.
     fanout_marked: bool,
     last_call: Instant,
@@ -96,8 +104,10 @@ impl ConversationActor {
             last_seq: 0,
             durable_seq: 0,
             watermarks: HashMap::new(),
+            written_watermarks: HashMap::new(),
             members: HashMap::new(),
             recent: VecDeque::new(),
+            recent_bytes: 0,
             fanout_marked: false,
             last_call: Instant::now(),
         };
@@ -118,6 +128,7 @@ impl ConversationActor {
         self.last_seq = store.last_seq(self.id)?;
         self.durable_seq = self.last_seq;
         self.watermarks = store.watermarks(self.id)?.into_iter().collect();
+        self.written_watermarks = self.watermarks.clone();
         let mark = store.fanout_mark(self.id)?;
         self.fanout_marked = mark.is_some();
         let done = mark.unwrap_or(self.last_seq).min(self.last_seq);
@@ -236,9 +247,14 @@ impl ConversationActor {
     }
 
     fn remember(&mut self, message: MessageRecord) {
+        self.recent_bytes += message.body.len();
         self.recent.push_back(Arc::new(message));
-        while self.recent.len() > RECENT_MESSAGES {
-            self.recent.pop_front();
+        while self.recent.len() > RECENT_MESSAGES
+            || (self.recent_bytes > RECENT_BYTES && self.recent.len() > 1)
+        {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_bytes -= old.body.len();
+            }
         }
     }
 
@@ -393,7 +409,11 @@ impl ConversationActor {
             return done(Err(e));
         }
         let seq = seq.min(self.durable_seq);
-        let mut wm = self.watermarks.get(&user).copied().unwrap_or_default();
+        let mut wm = self
+            .written_watermarks
+            .get(&user)
+            .copied()
+            .unwrap_or_default();
         let rose = match status {
             ReceiptStatus::Delivered => seq > wm.delivered,
             ReceiptStatus::Read => seq > wm.read,
@@ -409,9 +429,13 @@ impl ConversationActor {
         if let Err(e) = self.registry.store().put_watermarks(self.id, user, wm) {
             return done(Err(e.into()));
         }
-        self.watermarks.insert(user, wm);
-        // Receipts go out only once durable, so they never go backwards after a crash.
+        self.written_watermarks.insert(user, wm);
+        // Receipts go out (and views change) only once durable, so they never go
+        // backwards after a crash.
         self.after_commit(move |act, _| {
+            let shown = act.watermarks.entry(user).or_default();
+            shown.delivered = shown.delivered.max(wm.delivered);
+            shown.read = shown.read.max(wm.read);
             let (Some(route), Some(record)) = (act.registry.route(), &act.record) else {
                 return Ok(ConversationReply::Done);
             };
@@ -574,6 +598,13 @@ impl Handler<ConversationCall> for ConversationActor {
                 }))
             }
             ConversationRequest::Resume => {
+                // A crash between the two writes of `clear_fanout` can leave the node's
+                // index entry without the mark: clear it, or it wakes us at every start.
+                if !self.fanout_marked {
+                    if let Err(e) = self.registry.store().clear_fanout(self.id) {
+                        tracing::warn!(conversation_id = %self.id, error = %e, "cannot clear fan-out index");
+                    }
+                }
                 self.pump(ctx);
                 done(Ok(ConversationReply::Done))
             }

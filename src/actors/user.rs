@@ -97,12 +97,14 @@ impl UserActor {
             return Ok(());
         }
         let now = crate::now_ms();
-        self.tokens = store
-            .tokens(self.id)?
-            .into_iter()
-            .filter(|(_, t)| t.expires_at > now)
-            .map(|(h, t)| (h, t.expires_at))
-            .collect();
+        for (hash, token) in store.tokens(self.id)? {
+            if token.expires_at > now {
+                self.tokens.insert(hash, token.expires_at);
+            } else {
+                // Expired tokens are pruned here, so they never pile up on disk.
+                store.remove_token(self.id, &hash)?;
+            }
+        }
         let head = store.inbox_head(self.id)?;
         self.durable_inbox = head;
         self.next_inbox = head + 1;

@@ -77,6 +77,18 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode::<MessageRecord>("t", b"k", &bytes);
+            // Behind a valid version byte, so that bincode itself sees the garbage.
+            let mut versioned = vec![SCHEMA_VERSION];
+            versioned.extend_from_slice(&bytes);
+            let _ = decode::<MessageRecord>("t", b"k", &versioned);
+        }
+
+        #[test]
+        fn corrupted_values_never_panic(body in ".{0,50}", at in any::<usize>(), byte in any::<u8>()) {
+            let mut bytes = encode(&message(9, body, vec![1], Some(2))).unwrap();
+            let at = 1 + at % (bytes.len() - 1);
+            bytes[at] = byte;
+            let _ = decode::<MessageRecord>("t", b"k", &bytes);
         }
 
         #[test]
