@@ -2,8 +2,7 @@
 //!
 //! Plain data only (ids, seqs, strings, records): no `Addr`, nothing tied to this
 //! process, so every request and reply can cross a peer link as is. Each entity kind has
-//! one request enum and one reply enum; the typed helpers in [`crate::actors::calls`]
-//! hide the matching.
+//! one request enum and one reply enum, delivered to its actor in one envelope type.
 
 use std::sync::Arc;
 

@@ -28,3 +28,9 @@ pub use messages::*;
 pub use registry::Registry;
 pub use route::{Call, Delivery, Route};
 pub use user::{UserActor, MAX_SYNC_PAGE};
+
+/// The stored records that requests and replies carry, re-exported so that callers of
+/// this layer need not reach into `storage`.
+pub use crate::storage::{
+    ConversationKind, InboxEntry, MessageKind, MessageRecord, UserConversation, Watermarks,
+};

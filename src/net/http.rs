@@ -397,16 +397,14 @@ async fn conversations(state: web::Data<AppState>, me: Authed) -> Result<HttpRes
         };
         let mut item = json!({
             "conversation_id": c.conversation_id,
-            "kind": match c.kind { crate::storage::ConversationKind::Direct => "direct", _ => "group" },
+            "kind": match c.kind { ConversationKind::Direct => "direct", _ => "group" },
             "last_seq": last_seq,
             "delivered_seq": wm.delivered,
             "read_seq": wm.read,
         });
         match &c.kind {
-            crate::storage::ConversationKind::Direct => item["peer_id"] = json!(c.peer_id),
-            crate::storage::ConversationKind::Group { group_id } => {
-                item["group_id"] = json!(group_id)
-            }
+            ConversationKind::Direct => item["peer_id"] = json!(c.peer_id),
+            ConversationKind::Group { group_id } => item["group_id"] = json!(group_id),
         }
         out.push(item);
     }

@@ -36,6 +36,8 @@ pub use router::Router;
 pub enum NetError {
     #[error("cannot open storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("cannot start: {0}")]
+    Startup(#[from] crate::actors::ActorError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,

@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::actors::{Ack, ReceiptStatus, UserProfile};
-use crate::storage::{MessageKind, MessageRecord};
+use crate::actors::{Ack, MessageKind, MessageRecord, ReceiptStatus, UserProfile};
 
 /// A parsed client frame.
 #[derive(Debug)]

@@ -16,7 +16,6 @@ use super::sessions::SessionTable;
 use crate::actors::*;
 use crate::ids::{handle_ring_key, ConversationId, UserId};
 use crate::metrics::metrics;
-use crate::storage::MessageRecord;
 
 /// Longest an entity call may take before the caller gets `Unavailable`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);

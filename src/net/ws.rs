@@ -48,7 +48,6 @@ use crate::actors::*;
 use crate::config::Limits;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
-use crate::storage::MessageRecord;
 
 /// Events a session may have queued in its mailbox before pushes to it fail (bytes are
 /// bounded separately, see `sessions`).
