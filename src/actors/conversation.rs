@@ -35,7 +35,6 @@ use crate::storage::{
     ConversationKind, ConversationRecord, MessageKind, MessageRecord, StorageError, Watermarks,
 };
 
-const MAILBOX_CAPACITY: usize = 4096;
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(500);
 /// Messages kept in memory for fan-out (by count and by body bytes); older ones are
@@ -527,7 +526,6 @@ impl Actor for ConversationActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         metrics().actors.with_label_values(&["conversation"]).inc();
         // What we loaded may be in sled's memory but not yet on disk (written by an
         // actor that then failed or was killed before its flush). Serve nothing until

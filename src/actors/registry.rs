@@ -75,7 +75,9 @@ impl Registry {
         let arbiter = self.arbiter_for(id.as_bytes());
         let registry = Arc::clone(self);
         get_or_start(&self.users, id, "user", move || {
-            UserActor::start_in_arbiter(&arbiter, move |_| UserActor::load(id, registry))
+            start_on(&arbiter, USER_MAILBOX, move || {
+                UserActor::load(id, registry)
+            })
         })
     }
 
@@ -84,7 +86,7 @@ impl Registry {
         let arbiter = self.arbiter_for(id.as_bytes());
         let registry = Arc::clone(self);
         get_or_start(&self.conversations, id, "conversation", move || {
-            ConversationActor::start_in_arbiter(&arbiter, move |_| {
+            start_on(&arbiter, CONVERSATION_MAILBOX, move || {
                 ConversationActor::load(id, registry)
             })
         })
@@ -136,6 +138,33 @@ impl Registry {
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
         self.arbiters[h % self.arbiters.len()].clone()
     }
+}
+
+/// Calls waiting at one user actor before senders wait for room.
+pub(crate) const USER_MAILBOX: usize = 1024;
+/// Calls waiting at one conversation actor before senders wait for room.
+pub(crate) const CONVERSATION_MAILBOX: usize = 4096;
+
+/// Starts an actor on `arbiter` with its mailbox created at `capacity`.
+///
+/// Not `Actor::start_in_arbiter`: that creates the mailbox with actix's default of 16
+/// and the actor can raise it only once it runs. Calls sent in between find a "full"
+/// mailbox, park, and are enqueued when woken, in no particular order, which would
+/// reorder a burst of sends to a conversation that was just started.
+fn start_on<A>(
+    arbiter: &ArbiterHandle,
+    capacity: usize,
+    make: impl FnOnce() -> A + Send + 'static,
+) -> Addr<A>
+where
+    A: Actor<Context = actix::Context<A>>,
+{
+    let (tx, rx) = actix::dev::channel::channel(capacity);
+    arbiter.spawn_fn(move || {
+        let ctx = actix::Context::with_receiver(rx);
+        actix::spawn(ctx.into_future(make()));
+    });
+    Addr::new(tx)
 }
 
 fn get_or_start<K: Eq + Hash + Copy, A: Actor>(

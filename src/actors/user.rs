@@ -32,8 +32,6 @@ use crate::storage::{
     ConversationKind, InboxEntry, MessageRecord, TokenRecord, UserConversation, UserRecord,
 };
 
-/// Calls waiting at one user actor before senders wait for room.
-const MAILBOX_CAPACITY: usize = 1024;
 /// An actor with no sessions and no calls for this long stops.
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 const IDLE_CHECK: Duration = Duration::from_secs(10);
@@ -446,7 +444,6 @@ impl Actor for UserActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         metrics().actors.with_label_values(&["user"]).inc();
         // What we loaded may be in sled's memory but not yet on disk (written by an
         // actor that then failed or was killed before its flush). Serve nothing until
