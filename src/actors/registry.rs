@@ -92,6 +92,32 @@ impl Registry {
         })
     }
 
+    /// Makes a starting actor wait (mailbox held) for a flush, so that what it loaded
+    /// is durable before it serves anything: sled may hold writes in memory that a
+    /// failed or killed predecessor never flushed. If the flush fails, `failed`
+    /// records the error and the actor stops.
+    pub(crate) fn wait_durable<A>(
+        &self,
+        ctx: &mut actix::Context<A>,
+        failed: fn(&mut A, ActorError),
+    ) where
+        A: Actor<Context = actix::Context<A>>,
+    {
+        use actix::{ActorContext, ActorFutureExt, AsyncContext};
+        let store = self.store.clone();
+        ctx.wait(
+            actix::fut::wrap_future::<_, A>(async move { store.commit(0).await }).map(
+                move |res, act, ctx| {
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "flush failed while starting an entity actor");
+                        failed(act, e.into());
+                        ctx.stop();
+                    }
+                },
+            ),
+        );
+    }
+
     /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.
     /// Handles are entities with no state beyond their owner, so a compare-and-swap at
     /// their home node is all the "actor" they need.

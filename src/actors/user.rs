@@ -445,19 +445,10 @@ impl Actor for UserActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics().actors.with_label_values(&["user"]).inc();
-        // What we loaded may be in sled's memory but not yet on disk (written by an
-        // actor that then failed or was killed before its flush). Serve nothing until
-        // a flush covers it, so that "loaded" means "durable".
-        let store = self.registry.store().clone();
-        ctx.wait(
-            wrap_future::<_, Self>(async move { store.commit(0).await }).map(|res, act, ctx| {
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "flush failed while starting an entity actor");
-                    act.load_error = Some(e.into());
-                    ctx.stop();
-                }
-            }),
-        );
+        // What we loaded may be in sled's memory but not yet on disk: serve nothing
+        // until a flush covers it (see `Registry::wait_durable`).
+        let registry = Arc::clone(&self.registry);
+        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
         ctx.run_interval(IDLE_CHECK, |act, ctx| {
             if act.sessions.is_empty()
                 && act.unflushed.is_empty()
