@@ -459,6 +459,29 @@ impl ConversationActor {
         })
     }
 
+    /// Relays "typing" to the other members' live sessions, without storing anything.
+    fn typing(&self, user: UserId) -> Result<ConversationReply, ActorError> {
+        let record = self.is_member(user)?;
+        if let Some(route) = self.registry.route() {
+            let event = SessionEvent::Typing {
+                conversation_id: self.id,
+                user_id: user,
+            };
+            for member in record.members.iter().filter(|m| **m != user) {
+                let call = route.user(
+                    *member,
+                    UserRequest::Notify {
+                        event: event.clone(),
+                    },
+                );
+                actix::spawn(async move {
+                    let _ = call.await;
+                });
+            }
+        }
+        Ok(ConversationReply::Done)
+    }
+
     fn history(
         &self,
         user: UserId,
@@ -586,6 +609,7 @@ impl Handler<ConversationCall> for ConversationActor {
                     watermarks: self.watermarks.get(&user).copied().unwrap_or_default(),
                 }))
             }
+            ConversationRequest::Typing { user } => done(self.typing(user)),
             ConversationRequest::Resume => {
                 // A crash between the two writes of `clear_fanout` can leave the node's
                 // index entry without the mark: clear it, or it wakes us at every start.

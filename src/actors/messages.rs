@@ -47,6 +47,17 @@ pub enum SessionEvent {
         status: ReceiptStatus,
         seq: u64,
     },
+    /// A watched user's presence changed (or: its presence at subscribe time).
+    Presence {
+        user_id: UserId,
+        online: bool,
+        last_seen: Option<i64>,
+    },
+    /// A member of a conversation is typing. Never stored.
+    Typing {
+        conversation_id: ConversationId,
+        user_id: UserId,
+    },
     /// The session must end (token revoked, too slow).
     Close { code: u16, reason: String },
 }
@@ -111,6 +122,23 @@ pub enum UserRequest {
     Notify {
         event: SessionEvent,
     },
+    AddContact {
+        contact: UserId,
+    },
+    RemoveContact {
+        contact: UserId,
+    },
+    Contacts,
+    /// Which of `targets` may this user watch: peers of its direct conversations and
+    /// its contacts.
+    Visible {
+        targets: Vec<UserId>,
+    },
+    /// A session watches this user's presence; the reply is the presence now, and
+    /// every change is pushed to the session until it ends.
+    WatchPresence {
+        session: SessionRef,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +159,7 @@ pub enum UserReply {
         head: u64,
     },
     Conversations(Vec<UserConversation>),
+    Users(Vec<UserId>),
 }
 
 /// What the Conversation actor does.
@@ -167,6 +196,10 @@ pub enum ConversationRequest {
     },
     /// Wakes the actor so it resumes a fan-out left pending by a restart.
     Resume,
+    /// Relays "typing" to the other members' live sessions.
+    Typing {
+        user: UserId,
+    },
 }
 
 /// The answer to a `send`, as the `ack` frame carries it.

@@ -13,7 +13,7 @@
 //! - a session goes live exactly at the inbox head it was synced to; it then receives
 //!   every later entry, in order, once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,8 +62,14 @@ pub struct UserActor {
     /// Appended entries waiting for their flush before they are pushed.
     unflushed: VecDeque<(u64, Arc<MessageRecord>)>,
     sessions: Vec<Session>,
+    contacts: BTreeSet<UserId>,
+    /// Sessions (of other users) watching this user's presence.
+    watchers: Vec<SessionRef>,
     last_call: Instant,
 }
+
+/// Most sessions that may watch one user's presence at once.
+const MAX_WATCHERS: usize = 10_000;
 
 impl UserActor {
     /// Builds the actor from storage; called on its arbiter.
@@ -79,6 +85,8 @@ impl UserActor {
             conversations: HashMap::new(),
             unflushed: VecDeque::new(),
             sessions: Vec::new(),
+            contacts: BTreeSet::new(),
+            watchers: Vec::new(),
             last_call: Instant::now(),
         };
         if let Err(e) = actor.load_state() {
@@ -103,6 +111,7 @@ impl UserActor {
                 store.remove_token(self.id, &hash)?;
             }
         }
+        self.contacts = store.contacts(self.id)?.into_iter().collect();
         let head = store.inbox_head(self.id)?;
         self.durable_inbox = head;
         self.next_inbox = head + 1;
@@ -249,6 +258,9 @@ impl UserActor {
                 token,
                 live: false,
             });
+            if self.sessions.len() == 1 {
+                self.publish_presence();
+            }
         }
         Ok(UserReply::Done)
     }
@@ -270,6 +282,88 @@ impl UserActor {
                 tracing::warn!(user = %self.id, error = %e, "cannot persist last_seen");
             }
         }
+        self.publish_presence();
+    }
+
+    /// Pushes the current presence to every watcher; forgets the ones that are gone.
+    fn publish_presence(&mut self) {
+        let (Some(route), Some(p)) = (self.registry.route(), self.profile()) else {
+            return;
+        };
+        let event = SessionEvent::Presence {
+            user_id: self.id,
+            online: p.online,
+            last_seen: p.last_seen,
+        };
+        self.watchers
+            .retain(|w| route.deliver(w, event.clone()) != Delivery::Gone);
+    }
+
+    fn watch_presence(&mut self, session: SessionRef) -> Result<UserReply, ActorError> {
+        if !self.watchers.contains(&session) {
+            if self.watchers.len() >= MAX_WATCHERS {
+                return Err(ActorError::BadRequest("too many presence watchers".into()));
+            }
+            self.watchers.push(session);
+        }
+        self.profile()
+            .map(UserReply::Profile)
+            .ok_or(ActorError::UnknownUser)
+    }
+
+    /// Peers of direct conversations and contacts: whose presence this user may watch.
+    fn visible(&self, targets: Vec<UserId>) -> UserReply {
+        let peers: BTreeSet<UserId> = self
+            .conversations
+            .values()
+            .filter_map(|c| c.peer_id)
+            .collect();
+        UserReply::Users(
+            targets
+                .into_iter()
+                .filter(|t| *t == self.id || peers.contains(t) || self.contacts.contains(t))
+                .collect(),
+        )
+    }
+
+    fn add_contact(&mut self, contact: UserId) -> Reply {
+        if contact == self.id {
+            return done(Err(ActorError::BadRequest(
+                "cannot add yourself as a contact".into(),
+            )));
+        }
+        let Some(route) = self.registry.route() else {
+            return done(Err(ActorError::Unavailable));
+        };
+        // The contact must exist; ask its owner, then record it.
+        let check = route.user(contact, UserRequest::Profile);
+        Box::pin(wrap_future::<_, Self>(check).then(move |res, act, _| {
+            if let Err(e) = res {
+                return done(Err(e));
+            }
+            if let Err(e) = act
+                .registry
+                .store()
+                .put_contact(act.id, contact, crate::now_ms())
+            {
+                return done(Err(e.into()));
+            }
+            act.contacts.insert(contact);
+            act.after_commit(1, |act, _| Ok(act.contact_list()))
+        }))
+    }
+
+    fn remove_contact(&mut self, contact: UserId) -> Reply {
+        if self.contacts.remove(&contact) {
+            if let Err(e) = self.registry.store().remove_contact(self.id, contact) {
+                return done(Err(e.into()));
+            }
+        }
+        self.after_commit(1, |act, _| Ok(act.contact_list()))
+    }
+
+    fn contact_list(&self) -> UserReply {
+        UserReply::Users(self.contacts.iter().copied().collect())
     }
 
     fn sync_page(
@@ -451,6 +545,7 @@ impl Actor for UserActor {
         registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
         ctx.run_interval(IDLE_CHECK, |act, ctx| {
             if act.sessions.is_empty()
+                && act.watchers.is_empty()
                 && act.unflushed.is_empty()
                 && act.last_call.elapsed() >= IDLE_AFTER
             {
@@ -533,6 +628,11 @@ impl Handler<UserCall> for UserActor {
                 self.notify(event);
                 done(Ok(UserReply::Done))
             }
+            UserRequest::AddContact { contact } => self.add_contact(contact),
+            UserRequest::RemoveContact { contact } => self.remove_contact(contact),
+            UserRequest::Contacts => done(Ok(self.contact_list())),
+            UserRequest::Visible { targets } => done(Ok(self.visible(targets))),
+            UserRequest::WatchPresence { session } => done(self.watch_presence(session)),
         }
     }
 }

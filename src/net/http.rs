@@ -39,6 +39,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/users/{user_id}").get(user))
                 .service(resource("/sessions").post(login))
                 .service(resource("/sessions/current").delete(logout))
+                .service(resource("/contacts").get(contacts))
+                .service(
+                    resource("/contacts/{user_id}")
+                        .put(add_contact)
+                        .delete(remove_contact),
+                )
                 .service(resource("/conversations").get(conversations))
                 .service(resource("/conversations/{cid}/messages").get(history))
                 .service(resource("/conversations/{cid}/receipts").get(receipts))
@@ -70,6 +76,14 @@ impl Resource {
         F::Output: actix_web::Responder + 'static,
     {
         Resource(self.0.route(web::post().to(h)))
+    }
+    fn put<F, Args>(self, h: F) -> Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        Resource(self.0.route(web::put().to(h)))
     }
     fn delete<F, Args>(self, h: F) -> Self
     where
@@ -367,6 +381,58 @@ async fn find_user(
         .await?
         .ok_or(ActorError::UnknownUser)?;
     profile(&state, id).await
+}
+
+/// The contact list as user objects (contacts that cannot answer right now are left
+/// out rather than failing the whole list).
+async fn contact_list(state: &AppState, reply: UserReply) -> Result<HttpResponse, ApiError> {
+    let UserReply::Users(ids) = reply else {
+        return Err(unexpected(Ok(())).into());
+    };
+    let profiles = join_all(
+        ids.iter()
+            .map(|id| state.router.user(*id, UserRequest::Profile)),
+    )
+    .await;
+    let list: Vec<UserProfile> = profiles
+        .into_iter()
+        .filter_map(|p| match p {
+            Ok(UserReply::Profile(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(list.iter().map(UserJson::from).collect::<Vec<_>>()))
+}
+
+async fn contacts(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {
+    let reply = state.router.user(me.user, UserRequest::Contacts).await?;
+    contact_list(&state, reply).await
+}
+
+async fn add_contact(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let contact: UserId = parse_id(&path, "user_id")?;
+    let reply = state
+        .router
+        .user(me.user, UserRequest::AddContact { contact })
+        .await?;
+    contact_list(&state, reply).await
+}
+
+async fn remove_contact(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let contact: UserId = parse_id(&path, "user_id")?;
+    let reply = state
+        .router
+        .user(me.user, UserRequest::RemoveContact { contact })
+        .await?;
+    contact_list(&state, reply).await
 }
 
 async fn conversations(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {

@@ -13,16 +13,12 @@ use crate::actors::{Ack, MessageKind, MessageRecord, ReceiptStatus, UserProfile}
 /// A parsed client frame.
 #[derive(Debug)]
 pub enum ClientFrame {
-    Sync {
-        after: u64,
-    },
+    Sync { after: u64 },
     Send(SendFrame),
     Delivered(MarkFrame),
     Read(MarkFrame),
-    /// Validated; answered `unsupported` until typing ships.
-    Typing,
-    /// Validated; answered `unsupported` until presence ships.
-    SubscribePresence,
+    Typing { conversation_id: String },
+    SubscribePresence { user_ids: Vec<String> },
     Ping,
 }
 
@@ -52,14 +48,12 @@ struct SyncFields {
 
 #[derive(Deserialize)]
 struct TypingFields {
-    #[serde(rename = "conversation_id")]
-    _conversation_id: String,
+    conversation_id: String,
 }
 
 #[derive(Deserialize)]
 struct PresenceFields {
-    #[serde(rename = "user_ids")]
-    _user_ids: Vec<String>,
+    user_ids: Vec<String>,
 }
 
 /// Why a frame could not be parsed: the error code and a message for the client, plus
@@ -108,10 +102,14 @@ impl ClientFrame {
                 .map(ClientFrame::Read)
                 .map_err(|m| bad(m, None)),
             "typing" => fields::<TypingFields>(value, &kind)
-                .map(|_| ClientFrame::Typing)
+                .map(|f| ClientFrame::Typing {
+                    conversation_id: f.conversation_id,
+                })
                 .map_err(|m| bad(m, None)),
             "subscribe_presence" => fields::<PresenceFields>(value, &kind)
-                .map(|_| ClientFrame::SubscribePresence)
+                .map(|f| ClientFrame::SubscribePresence {
+                    user_ids: f.user_ids,
+                })
                 .map_err(|m| bad(m, None)),
             "ping" => Ok(ClientFrame::Ping),
             other => Err(FrameError {
@@ -173,6 +171,15 @@ pub enum ServerFrame<'a> {
         user_id: Uuid,
         status: &'static str,
         seq: u64,
+    },
+    Presence {
+        user_id: Uuid,
+        online: bool,
+        last_seen: Option<i64>,
+    },
+    Typing {
+        conversation_id: Uuid,
+        user_id: Uuid,
     },
     Error {
         code: &'a str,

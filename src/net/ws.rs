@@ -60,6 +60,10 @@ const REPLAY_PAGE: usize = 128;
 const REPLAY_POLL: Duration = Duration::from_millis(10);
 /// Inbox events held beyond a gap, or waiting for the replay to finish.
 const MAX_HELD_EVENTS: usize = 20_000;
+/// `typing` frames one connection may send per second (bursts up to the same).
+const TYPING_PER_SECOND: u32 = 5;
+/// Users one connection may watch the presence of.
+const MAX_WATCHED: usize = 1024;
 /// How long `delivered`/`read` frames are gathered before they are applied.
 const MARK_WINDOW: Duration = Duration::from_millis(100);
 /// Distinct (conversation, status) marks one window may hold.
@@ -178,6 +182,9 @@ pub struct WsSession {
     /// Body bytes held in `early`.
     early_bytes: u64,
     bucket: Bucket,
+    typing_bucket: Bucket,
+    /// Users whose presence this connection watches.
+    watching: HashSet<UserId>,
     last_heard: Instant,
     queued: u64,
     drained: Rc<Cell<u64>>,
@@ -223,6 +230,8 @@ impl WsSession {
             replay: VecDeque::new(),
             replay_head: None,
             bucket: Bucket::new(state.limits.sends_per_second),
+            typing_bucket: Bucket::new(TYPING_PER_SECOND),
+            watching: HashSet::new(),
             last_heard: Instant::now(),
             queued: 0,
             drained,
@@ -349,12 +358,10 @@ impl WsSession {
             ClientFrame::Send(send) => self.on_send(ctx, send),
             ClientFrame::Delivered(m) => self.on_mark(ctx, m, ReceiptStatus::Delivered),
             ClientFrame::Read(m) => self.on_mark(ctx, m, ReceiptStatus::Read),
-            ClientFrame::Typing | ClientFrame::SubscribePresence => self.error(
-                ctx,
-                "unsupported",
-                "typing and presence are not available in this release",
-                None,
-            ),
+            ClientFrame::Typing { conversation_id } => self.on_typing(ctx, &conversation_id),
+            ClientFrame::SubscribePresence { user_ids } => {
+                self.on_subscribe_presence(ctx, user_ids)
+            }
         }
     }
 
@@ -590,6 +597,112 @@ impl WsSession {
                 Err(e) => act.actor_error(ctx, &e, Some(&cmid_raw)),
             }),
         );
+    }
+
+    fn on_typing(&mut self, ctx: &mut ws::WebsocketContext<Self>, conversation_id: &str) {
+        let Ok(cid) = conversation_id.parse::<ConversationId>() else {
+            return self.error(ctx, "bad_request", "conversation_id is not a UUID", None);
+        };
+        if !self.typing_bucket.take() {
+            let msg = format!("over {TYPING_PER_SECOND} typing frames per second");
+            return self.error(ctx, "rate_limited", &msg, None);
+        }
+        let call = self
+            .router
+            .conversation(cid, ConversationRequest::Typing { user: self.user });
+        ctx.spawn(wrap_future::<_, Self>(call).map(|res, act, ctx| {
+            if let Err(e) = res {
+                act.actor_error(ctx, &e, None);
+            }
+        }));
+    }
+
+    /// Watches the presence of users who share a conversation with this user or are in
+    /// its contacts; anyone else is refused, so presence does not leak.
+    fn on_subscribe_presence(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        user_ids: Vec<String>,
+    ) {
+        let mut targets = Vec::with_capacity(user_ids.len());
+        for raw in &user_ids {
+            match raw.parse::<UserId>() {
+                Ok(u) if !targets.contains(&u) => targets.push(u),
+                Ok(_) => {}
+                Err(_) => return self.error(ctx, "bad_request", "user_ids must be UUIDs", None),
+            }
+        }
+        if targets.len() + self.watching.len() > MAX_WATCHED {
+            let msg = format!("at most {MAX_WATCHED} users watched per connection");
+            return self.error(ctx, "bad_request", &msg, None);
+        }
+        let router = Arc::clone(&self.router);
+        let (me, session) = (self.user, self.me.clone());
+        let fut = async move {
+            let visible = match router
+                .user(
+                    me,
+                    UserRequest::Visible {
+                        targets: targets.clone(),
+                    },
+                )
+                .await?
+            {
+                UserReply::Users(v) => v,
+                _ => return Err(ActorError::Internal("unexpected reply".into())),
+            };
+            let refused: Vec<UserId> = targets
+                .iter()
+                .copied()
+                .filter(|t| !visible.contains(t))
+                .collect();
+            let watched = join_all(visible.iter().map(|t| {
+                router.user(
+                    *t,
+                    UserRequest::WatchPresence {
+                        session: session.clone(),
+                    },
+                )
+            }))
+            .await;
+            Ok((refused, visible, watched))
+        };
+        ctx.spawn(wrap_future::<_, Self>(fut).map(|res, act, ctx| match res {
+            Ok((refused, visible, watched)) => {
+                if !refused.is_empty() {
+                    let list: Vec<String> = refused.iter().map(|u| u.to_string()).collect();
+                    let msg = format!("no shared conversation or contact: {}", list.join(", "));
+                    act.error(ctx, "not_member", &msg, None);
+                }
+                for (user, res) in visible.into_iter().zip(watched) {
+                    match res {
+                        Ok(UserReply::Profile(p)) => {
+                            act.watching.insert(user);
+                            act.presence(ctx, user, p.online, p.last_seen);
+                        }
+                        Ok(_) => act.error(ctx, "internal", "unexpected reply", None),
+                        Err(e) => act.actor_error(ctx, &e, None),
+                    }
+                }
+            }
+            Err(e) => act.actor_error(ctx, &e, None),
+        }));
+    }
+
+    fn presence(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        user: UserId,
+        online: bool,
+        last_seen: Option<i64>,
+    ) {
+        let text = ServerFrame::Presence {
+            user_id: user.0,
+            online,
+            last_seen,
+        }
+        .to_text();
+        self.write(ctx, text);
     }
 
     fn on_mark(
@@ -833,6 +946,22 @@ impl Handler<SessionEvent> for WsSession {
                     user_id: user_id.0,
                     status: status_name(status),
                     seq,
+                }
+                .to_text();
+                self.write(ctx, text);
+            }
+            SessionEvent::Presence {
+                user_id,
+                online,
+                last_seen,
+            } => self.presence(ctx, user_id, online, last_seen),
+            SessionEvent::Typing {
+                conversation_id,
+                user_id,
+            } => {
+                let text = ServerFrame::Typing {
+                    conversation_id: conversation_id.0,
+                    user_id: user_id.0,
                 }
                 .to_text();
                 self.write(ctx, text);

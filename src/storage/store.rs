@@ -155,6 +155,32 @@ impl Store {
         Ok(())
     }
 
+    pub fn contacts(&self, user: UserId) -> Result<Vec<UserId>> {
+        let prefix = tagged(user.as_bytes(), USER_CONTACT);
+        let mut out = Vec::new();
+        for item in self.inner.users.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let raw: [u8; 16] = k
+                .get(17..)
+                .and_then(|c| c.try_into().ok())
+                .ok_or_else(|| corrupt("users", &k, "contact key length"))?;
+            out.push(UserId(uuid::Uuid::from_bytes(raw)));
+        }
+        Ok(out)
+    }
+
+    pub fn put_contact(&self, user: UserId, contact: UserId, added_at: i64) -> Result<()> {
+        let key = with_parts(user.as_bytes(), USER_CONTACT, &[contact.as_bytes()]);
+        self.inner.users.insert(key, encode(&added_at)?)?;
+        Ok(())
+    }
+
+    pub fn remove_contact(&self, user: UserId, contact: UserId) -> Result<()> {
+        let key = with_parts(user.as_bytes(), USER_CONTACT, &[contact.as_bytes()]);
+        self.inner.users.remove(key)?;
+        Ok(())
+    }
+
     /// The highest inbox seq of `user` (0 for an empty inbox).
     pub fn inbox_head(&self, user: UserId) -> Result<u64> {
         let prefix = tagged(user.as_bytes(), USER_INBOX);
