@@ -121,7 +121,7 @@ async fn presence_reaches_every_watching_device_and_not_strangers() {
     }
 
     // b comes online: both devices hear it.
-    let mut bw = node.ws(&b.token).await;
+    let bw = node.ws(&b.token).await;
     for ws in [&mut a1, &mut a2] {
         assert_eq!(presence_of(ws, &b.id).await["online"], true);
     }
