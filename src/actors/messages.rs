@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use super::error::ActorError;
 use crate::ids::{ConversationId, UserId};
-use crate::storage::{ConversationKind, InboxEntry, MessageRecord, UserConversation, Watermarks};
+use crate::storage::{
+    ConversationKind, InboxEntry, KeyBundle, MessageRecord, UserConversation, Watermarks,
+};
 
 /// SHA-256 of a token: how tokens are named everywhere but in the client's hands.
 pub type TokenHash = [u8; 32];
@@ -139,6 +141,13 @@ pub enum UserRequest {
     WatchPresence {
         session: SessionRef,
     },
+    /// Publishes the user's key bundle and adds one-time prekeys.
+    PutKeys {
+        bundle: KeyBundle,
+        prekeys: Vec<String>,
+    },
+    /// The user's key bundle with one one-time prekey, which is never handed out again.
+    ClaimKeys,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +169,10 @@ pub enum UserReply {
     },
     Conversations(Vec<UserConversation>),
     Users(Vec<UserId>),
+    Keys {
+        bundle: KeyBundle,
+        prekey: Option<String>,
+    },
 }
 
 /// What the Conversation actor does.

@@ -32,5 +32,6 @@ pub use user::{UserActor, MAX_SYNC_PAGE};
 /// The stored records that requests and replies carry, re-exported so that callers of
 /// this layer need not reach into `storage`.
 pub use crate::storage::{
-    ConversationKind, InboxEntry, MessageKind, MessageRecord, UserConversation, Watermarks,
+    ConversationKind, InboxEntry, KeyBundle, MessageKind, MessageRecord, UserConversation,
+    Watermarks,
 };

@@ -29,7 +29,8 @@ use super::sequence::accept_in_order;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
-    ConversationKind, InboxEntry, MessageRecord, TokenRecord, UserConversation, UserRecord,
+    ConversationKind, InboxEntry, KeyBundle, MessageRecord, TokenRecord, UserConversation,
+    UserRecord,
 };
 
 /// An actor with no sessions and no calls for this long stops.
@@ -67,6 +68,9 @@ pub struct UserActor {
     watchers: Vec<SessionRef>,
     last_call: Instant,
 }
+
+/// Most one-time prekeys stored for one user.
+pub const MAX_PREKEYS: usize = 10_000;
 
 /// Most sessions that may watch one user's presence at once.
 const MAX_WATCHERS: usize = 10_000;
@@ -362,6 +366,48 @@ impl UserActor {
         self.after_commit(1, |act, _| Ok(act.contact_list()))
     }
 
+    fn put_keys(&mut self, bundle: KeyBundle, prekeys: Vec<String>) -> Reply {
+        let store = self.registry.store();
+        let result = store.key_bundle(self.id).and_then(|old| {
+            // A new identity key makes the old one-time prekeys useless: replace them.
+            let replace = old.is_none_or(|o| o.identity_key != bundle.identity_key);
+            let kept = if replace {
+                0
+            } else {
+                store.prekey_count(self.id)?
+            };
+            if kept + prekeys.len() > MAX_PREKEYS {
+                return Ok(Err(ActorError::BadRequest(format!(
+                    "at most {MAX_PREKEYS} one-time prekeys may be stored ({kept} are)"
+                ))));
+            }
+            store.put_keys(self.id, &bundle, &prekeys, replace).map(Ok)
+        });
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return done(Err(e)),
+            Err(e) => return done(Err(e.into())),
+        }
+        self.after_commit(1, |_, _| Ok(UserReply::Done))
+    }
+
+    /// Hands out the bundle with one prekey. The prekey is removed and the removal
+    /// flushed before the answer, so not even a crash hands it out twice; claims are
+    /// serialised by this actor's mailbox.
+    fn claim_keys(&mut self) -> Reply {
+        let store = self.registry.store();
+        let bundle = match store.key_bundle(self.id) {
+            Ok(Some(b)) => b,
+            Ok(None) => return done(Err(ActorError::NoKeys)),
+            Err(e) => return done(Err(e.into())),
+        };
+        let prekey = match store.take_prekey(self.id) {
+            Ok(p) => p,
+            Err(e) => return done(Err(e.into())),
+        };
+        self.after_commit(1, move |_, _| Ok(UserReply::Keys { bundle, prekey }))
+    }
+
     fn contact_list(&self) -> UserReply {
         UserReply::Users(self.contacts.iter().copied().collect())
     }
@@ -633,6 +679,8 @@ impl Handler<UserCall> for UserActor {
             UserRequest::Contacts => done(Ok(self.contact_list())),
             UserRequest::Visible { targets } => done(Ok(self.visible(targets))),
             UserRequest::WatchPresence { session } => done(self.watch_presence(session)),
+            UserRequest::PutKeys { bundle, prekeys } => self.put_keys(bundle, prekeys),
+            UserRequest::ClaimKeys => self.claim_keys(),
         }
     }
 }

@@ -37,6 +37,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/users").get(find_user).post(register))
                 .service(resource("/users/me").get(me))
                 .service(resource("/users/{user_id}").get(user))
+                .service(resource("/users/{user_id}/keys").get(claim_keys))
+                .service(resource("/keys").put(put_keys))
                 .service(resource("/sessions").post(login))
                 .service(resource("/sessions/current").delete(logout))
                 .service(resource("/contacts").get(contacts))
@@ -381,6 +383,71 @@ async fn find_user(
         .await?
         .ok_or(ActorError::UnknownUser)?;
     profile(&state, id).await
+}
+
+/// Longest opaque key string accepted (identity key, signed prekey, one prekey).
+const MAX_KEY_BYTES: usize = 8192;
+/// Most one-time prekeys in one upload.
+const MAX_PREKEYS_PER_PUT: usize = 1000;
+
+#[derive(Deserialize)]
+struct KeysBody {
+    identity_key: String,
+    signed_prekey: String,
+    #[serde(default)]
+    prekeys: Vec<String>,
+}
+
+async fn put_keys(
+    state: web::Data<AppState>,
+    me: Authed,
+    Json(body): Json<KeysBody>,
+) -> Result<HttpResponse, ApiError> {
+    // The keys are opaque (clients may send ciphertext): only their sizes are checked.
+    let sized = |k: &str| !k.is_empty() && k.len() <= MAX_KEY_BYTES;
+    if !sized(&body.identity_key)
+        || !sized(&body.signed_prekey)
+        || !body.prekeys.iter().all(|k| sized(k))
+    {
+        return Err(ApiError::bad_request(format!(
+            "every key must be a non-empty string of at most {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    if body.prekeys.len() > MAX_PREKEYS_PER_PUT {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_PREKEYS_PER_PUT} prekeys per upload"
+        )));
+    }
+    let req = UserRequest::PutKeys {
+        bundle: KeyBundle {
+            identity_key: body.identity_key,
+            signed_prekey: body.signed_prekey,
+        },
+        prekeys: body.prekeys,
+    };
+    state.router.user(me.user, req).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn claim_keys(
+    state: web::Data<AppState>,
+    _me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user: UserId = parse_id(&path, "user_id")?;
+    match state.router.user(user, UserRequest::ClaimKeys).await? {
+        UserReply::Keys { bundle, prekey } => {
+            let mut body = json!({
+                "identity_key": bundle.identity_key,
+                "signed_prekey": bundle.signed_prekey,
+            });
+            if let Some(p) = prekey {
+                body["prekey"] = json!(p);
+            }
+            Ok(HttpResponse::Ok().json(body))
+        }
+        _ => Err(unexpected(Ok(())).into()),
+    }
 }
 
 /// The contact list as user objects (contacts that cannot answer right now are left

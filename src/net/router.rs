@@ -58,31 +58,42 @@ impl Router {
 
 /// Sends `msg` to the actor `lookup` yields, retrying with a fresh lookup if the actor
 /// stopped before handling it.
-async fn call_local<A, M, R>(
+///
+/// The first attempt is enqueued now, not when the returned future is first polled:
+/// callers that issue calls in order (a session posting a burst of sends) get them
+/// into the mailbox in that order, whatever order their futures are polled in.
+fn call_local<A, M, R>(
     kind: &'static str,
-    lookup: impl Fn() -> Addr<A>,
+    lookup: impl Fn() -> Addr<A> + Send + 'static,
     msg: M,
-) -> Result<R, ActorError>
+) -> Call<R>
 where
     A: Actor<Context = actix::Context<A>> + Handler<M>,
     M: actix::Message<Result = Result<R, ActorError>> + Clone + Send + 'static,
     R: Send + 'static,
 {
     let depth = metrics().mailbox_depth.with_label_values(&[kind]);
-    for _ in 0..ATTEMPTS {
-        depth.inc();
-        let res = lookup().send(msg.clone()).timeout(CALL_TIMEOUT).await;
-        depth.dec();
-        match res {
-            Ok(reply) => return reply,
-            Err(MailboxError::Closed) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
+    depth.inc();
+    let first = lookup().send(msg.clone());
+    Box::pin(async move {
+        let mut attempt = first;
+        for tries_left in (0..ATTEMPTS).rev() {
+            let res = attempt.timeout(CALL_TIMEOUT).await;
+            match res {
+                Ok(reply) => {
+                    depth.dec();
+                    return reply;
+                }
+                Err(MailboxError::Closed) if tries_left > 0 => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    attempt = lookup().send(msg.clone());
+                }
+                Err(_) => break,
             }
-            Err(MailboxError::Timeout) => return Err(ActorError::Unavailable),
         }
-    }
-    Err(ActorError::Unavailable)
+        depth.dec();
+        Err(ActorError::Unavailable)
+    })
 }
 
 impl Route for Router {
@@ -95,7 +106,7 @@ impl Route for Router {
             return Box::pin(async move { Err(e) });
         }
         let registry = Arc::clone(&self.registry);
-        Box::pin(call_local("user", move || registry.user(id), UserCall(req)))
+        call_local("user", move || registry.user(id), UserCall(req))
     }
 
     fn conversation(
@@ -107,11 +118,11 @@ impl Route for Router {
             return Box::pin(async move { Err(e) });
         }
         let registry = Arc::clone(&self.registry);
-        Box::pin(call_local(
+        call_local(
             "conversation",
             move || registry.conversation(id),
             ConversationCall(req),
-        ))
+        )
     }
 
     fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>> {

@@ -11,6 +11,8 @@
 //!                     user(16) 02 inbox_seq(8 BE)     -> InboxEntry
 //!                     user(16) 03 conversation(16)    -> UserConversation
 //!                     user(16) 04 contact(16)         -> added at (i64 ms)
+//!                     user(16) 05                     -> KeyBundle
+//!                     user(16) 06 prekey_seq(8 BE)    -> one-time prekey (String)
 //! handles tree        handle (UTF-8)                  -> user(16)
 //! conversations tree  conv(16) 00                     -> ConversationRecord
 //!                     conv(16) 01 seq(8 BE)           -> MessageRecord
@@ -25,6 +27,8 @@ pub const USER_TOKEN: u8 = 0x01;
 pub const USER_INBOX: u8 = 0x02;
 pub const USER_CONVERSATION: u8 = 0x03;
 pub const USER_CONTACT: u8 = 0x04;
+pub const USER_KEYS: u8 = 0x05;
+pub const USER_PREKEY: u8 = 0x06;
 
 pub const CONV_RECORD: u8 = 0x00;
 pub const CONV_MESSAGE: u8 = 0x01;

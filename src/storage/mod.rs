@@ -20,7 +20,7 @@ mod store;
 
 pub use error::StorageError;
 pub use records::{
-    ConversationKind, ConversationRecord, InboxEntry, MessageKind, MessageRecord, TokenRecord,
-    UserConversation, UserRecord, Watermarks,
+    ConversationKind, ConversationRecord, InboxEntry, KeyBundle, MessageKind, MessageRecord,
+    TokenRecord, UserConversation, UserRecord, Watermarks,
 };
 pub use store::Store;

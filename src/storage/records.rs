@@ -88,3 +88,10 @@ pub struct Watermarks {
     pub delivered: u64,
     pub read: u64,
 }
+
+/// A user's published E2EE keys, opaque to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBundle {
+    pub identity_key: String,
+    pub signed_prekey: String,
+}

@@ -181,6 +181,67 @@ impl Store {
         Ok(())
     }
 
+    pub fn key_bundle(&self, user: UserId) -> Result<Option<KeyBundle>> {
+        get(
+            &self.inner.users,
+            "users",
+            &tagged(user.as_bytes(), USER_KEYS),
+        )
+    }
+
+    /// Publishes a key bundle. With `replace_prekeys` the one-time prekey pool is
+    /// emptied first (a new identity key invalidates the old ones); `prekeys` are then
+    /// added after the highest existing one. One atomic batch.
+    pub fn put_keys(
+        &self,
+        user: UserId,
+        bundle: &KeyBundle,
+        prekeys: &[String],
+        replace_prekeys: bool,
+    ) -> Result<()> {
+        let users = &self.inner.users;
+        let prefix = tagged(user.as_bytes(), USER_PREKEY);
+        let mut batch = Batch::default();
+        let mut next = 1;
+        if replace_prekeys {
+            for item in users.scan_prefix(&prefix) {
+                batch.remove(item?.0);
+            }
+        } else if let Some(item) = users.scan_prefix(&prefix).next_back() {
+            let (k, _) = item?;
+            next = seq_suffix(&k).ok_or_else(|| corrupt("users", &k, "prekey key length"))? + 1;
+        }
+        batch.insert(tagged(user.as_bytes(), USER_KEYS), encode(bundle)?);
+        for (seq, prekey) in (next..).zip(prekeys) {
+            batch.insert(with_seq(user.as_bytes(), USER_PREKEY, seq), encode(prekey)?);
+        }
+        users.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn prekey_count(&self, user: UserId) -> Result<usize> {
+        let prefix = tagged(user.as_bytes(), USER_PREKEY);
+        let mut n = 0;
+        for item in self.inner.users.scan_prefix(&prefix).keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Removes and returns the oldest one-time prekey, if any. Callers serialise claims
+    /// (the user's actor does), so no prekey is returned twice.
+    pub fn take_prekey(&self, user: UserId) -> Result<Option<String>> {
+        let prefix = tagged(user.as_bytes(), USER_PREKEY);
+        let Some(item) = self.inner.users.scan_prefix(&prefix).next() else {
+            return Ok(None);
+        };
+        let (k, v) = item?;
+        let prekey = decode("users", &k, &v)?;
+        self.inner.users.remove(k)?;
+        Ok(Some(prekey))
+    }
+
     /// The highest inbox seq of `user` (0 for an empty inbox).
     pub fn inbox_head(&self, user: UserId) -> Result<u64> {
         let prefix = tagged(user.as_bytes(), USER_INBOX);
