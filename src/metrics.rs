@@ -36,6 +36,10 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Connections closed by the server, by reason.
     pub disconnects: IntCounterVec,
+    /// Push notifications delivered to the webhook, dropped (queue full), given up.
+    pub push_sent: IntCounter,
+    pub push_dropped: IntCounter,
+    pub push_failed: IntCounter,
     /// Time from a message being stored to it being appended to a member's inbox.
     pub fanout_seconds: HistogramVec,
 }
@@ -106,7 +110,22 @@ impl Metrics {
             &["kind"],
         )
         .expect("static metric");
+        let push_sent = IntCounter::new("push_sent_total", "Push notifications delivered")
+            .expect("static metric");
+        let push_dropped = IntCounter::new(
+            "push_dropped_total",
+            "Push notifications dropped: queue full",
+        )
+        .expect("static metric");
+        let push_failed = IntCounter::new(
+            "push_failed_total",
+            "Push notifications given up after retries",
+        )
+        .expect("static metric");
         let m = Metrics {
+            push_sent,
+            push_dropped,
+            push_failed,
             registry,
             ws_connections,
             messages_in,
@@ -134,6 +153,9 @@ impl Metrics {
             Box::new(m.errors.clone()),
             Box::new(m.disconnects.clone()),
             Box::new(m.fanout_seconds.clone()),
+            Box::new(m.push_sent.clone()),
+            Box::new(m.push_dropped.clone()),
+            Box::new(m.push_failed.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -64,6 +64,19 @@ pub enum SessionEvent {
     Close { code: u16, reason: String },
 }
 
+/// A message landed in the inbox of a user with no live session: what a push
+/// notification says (never the body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineNotice {
+    pub user_id: UserId,
+    pub conversation_id: ConversationId,
+    pub seq: u64,
+    pub inbox_seq: u64,
+    pub sender_id: UserId,
+    pub message_id: Uuid,
+    pub ts: i64,
+}
+
 /// A user's public profile, as `GET /users/{id}` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserProfile {

@@ -8,7 +8,8 @@ use futures_util::future::BoxFuture;
 
 use super::error::ActorError;
 use super::messages::{
-    ConversationReply, ConversationRequest, SessionEvent, SessionRef, UserReply, UserRequest,
+    ConversationReply, ConversationRequest, OfflineNotice, SessionEvent, SessionRef, UserReply,
+    UserRequest,
 };
 use crate::ids::{ConversationId, UserId};
 use crate::storage::MessageRecord;
@@ -41,4 +42,7 @@ pub trait Route: Send + Sync + 'static {
     fn resolve_handle(&self, handle: String) -> Call<Option<UserId>>;
     /// Pushes an event to a session, without waiting.
     fn deliver(&self, session: &SessionRef, event: SessionEvent) -> Delivery;
+    /// Queues a push notification for an offline user, without waiting; a no-op when
+    /// no webhook is configured.
+    fn push(&self, notice: OfflineNotice);
 }

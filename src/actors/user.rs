@@ -499,6 +499,9 @@ impl UserActor {
             .map(|m| m.ts)
             .min()
             .unwrap_or_else(crate::now_ms);
+        // Kept for push notifications, in case no session is live once this is durable.
+        let appended: Vec<(u64, Arc<MessageRecord>)> =
+            (first..).zip(taken.iter().cloned()).collect();
         self.after_commit(take as u32, move |act, _| {
             let lag = (crate::now_ms() - stored_at).max(0) as f64 / 1000.0;
             metrics()
@@ -507,8 +510,29 @@ impl UserActor {
                 .observe(lag);
             act.durable_inbox = act.durable_inbox.max(upto);
             act.push_durable();
+            if act.sessions.is_empty() {
+                act.notify_offline(&appended);
+            }
             Ok(act.appended(conversation_id))
         })
+    }
+
+    /// Push notifications for messages others sent, while no session of ours is live.
+    fn notify_offline(&self, appended: &[(u64, Arc<MessageRecord>)]) {
+        let Some(route) = self.registry.route() else {
+            return;
+        };
+        for (inbox_seq, m) in appended.iter().filter(|(_, m)| m.sender_id != self.id) {
+            route.push(OfflineNotice {
+                user_id: self.id,
+                conversation_id: m.conversation_id,
+                seq: m.seq,
+                inbox_seq: *inbox_seq,
+                sender_id: m.sender_id,
+                message_id: m.message_id,
+                ts: m.ts,
+            });
+        }
     }
 
     fn appended(&self, conversation_id: ConversationId) -> UserReply {

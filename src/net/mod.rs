@@ -10,12 +10,14 @@
 //! - `router.rs`: implements [`crate::actors::Route`]: ring lookup, then the local
 //!   registry (or, for entities homed elsewhere, an error until peer links exist).
 //! - `sessions.rs`: this node's table of live WebSocket sessions.
+//! - `push.rs`: the bounded queue and sender of push notifications to the `[push]` webhook.
 //!
 //! `net` imports `actors` (and `storage` only to open it at start-up).
 
 mod api;
 mod http;
 mod protocol;
+mod push;
 pub mod ring;
 mod router;
 mod sessions;
@@ -64,7 +66,8 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         config.nodes.iter().map(|n| n.id.clone()),
         config.cluster.vnodes,
     );
-    let router = Router::new(node.id.clone(), ring, Arc::clone(&registry));
+    let pusher = config.push.clone().map(push::Pusher::start);
+    let router = Router::new(node.id.clone(), ring, Arc::clone(&registry), pusher);
     let weak: Weak<dyn Route> = Arc::downgrade(&(Arc::clone(&router) as Arc<dyn Route>));
     registry.set_route(weak);
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, MailboxError};
 
+use super::push::Pusher;
 use super::ring::Ring;
 use super::sessions::SessionTable;
 use crate::actors::*;
@@ -27,15 +28,22 @@ pub struct Router {
     ring: Ring,
     registry: Arc<Registry>,
     sessions: SessionTable,
+    pusher: Option<Pusher>,
 }
 
 impl Router {
-    pub fn new(node_id: String, ring: Ring, registry: Arc<Registry>) -> Arc<Self> {
+    pub fn new(
+        node_id: String,
+        ring: Ring,
+        registry: Arc<Registry>,
+        pusher: Option<Pusher>,
+    ) -> Arc<Self> {
         Arc::new(Router {
             node_id,
             ring,
             registry,
             sessions: SessionTable::default(),
+            pusher,
         })
     }
 
@@ -159,6 +167,12 @@ impl Route for Router {
             owned?;
             registry.resolve_handle(&handle)
         })
+    }
+
+    fn push(&self, notice: OfflineNotice) {
+        if let Some(p) = &self.pusher {
+            p.offer(notice);
+        }
     }
 
     fn deliver(&self, session: &SessionRef, event: SessionEvent) -> Delivery {
