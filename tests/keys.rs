@@ -163,6 +163,23 @@ async fn bad_key_bundles_and_lookups() {
     assert_http_error(&r, 404, "unknown_user", "unknown user");
     let r = node.get("/users/nope/keys", Some(&b.token)).await;
     assert_http_error(&r, 400, "invalid_id", "malformed id");
+    // `prekeys` absent or null: a bundle without one-time prekeys.
+    let r = put_keys(
+        &node,
+        &b.token,
+        &json!({"identity_key": "i", "signed_prekey": "s", "prekeys": null}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let v = node
+        .get(&format!("/users/{}/keys", b.id), Some(&a.token))
+        .await
+        .body;
+    assert_eq!(
+        v,
+        json!({"identity_key": "i", "signed_prekey": "s"}),
+        "no prekey field when none"
+    );
     // Opaque: any string content is kept byte for byte.
     let odd = json!({"identity_key": "\u{1}💬\"<>", "signed_prekey": "AAAA==", "prekeys": ["ciphertext\n"]});
     assert_eq!(put_keys(&node, &a.token, &odd).await.status, 204);

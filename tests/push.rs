@@ -71,7 +71,9 @@ async fn offline_users_get_signed_notifications_without_bodies() {
     ))
     .await;
     let a = node.user("psa").await;
-    let b = node.user("psb").await; // never connects: offline
+    let b = node.user("psb").await;
+    // b has a connection that never syncs: it receives nothing, so b still gets pushes.
+    let _b_unsynced = node.ws(&b.token).await;
     let mut aw = node.ws(&a.token).await;
     aw.sync(0).await;
     let mut acks = Vec::new();

@@ -510,7 +510,9 @@ impl UserActor {
                 .observe(lag);
             act.durable_inbox = act.durable_inbox.max(upto);
             act.push_durable();
-            if act.sessions.is_empty() {
+            // Push unless a synced session will show it: a connection that has not
+            // sent `sync` receives nothing yet, so it does not count.
+            if !act.sessions.iter().any(|s| s.live) {
                 act.notify_offline(&appended);
             }
             Ok(act.appended(conversation_id))

@@ -394,8 +394,9 @@ const MAX_PREKEYS_PER_PUT: usize = 1000;
 struct KeysBody {
     identity_key: String,
     signed_prekey: String,
+    /// Absent or `null`: no new prekeys.
     #[serde(default)]
-    prekeys: Vec<String>,
+    prekeys: Option<Vec<String>>,
 }
 
 async fn put_keys(
@@ -404,16 +405,17 @@ async fn put_keys(
     Json(body): Json<KeysBody>,
 ) -> Result<HttpResponse, ApiError> {
     // The keys are opaque (clients may send ciphertext): only their sizes are checked.
+    let prekeys = body.prekeys.unwrap_or_default();
     let sized = |k: &str| !k.is_empty() && k.len() <= MAX_KEY_BYTES;
     if !sized(&body.identity_key)
         || !sized(&body.signed_prekey)
-        || !body.prekeys.iter().all(|k| sized(k))
+        || !prekeys.iter().all(|k| sized(k))
     {
         return Err(ApiError::bad_request(format!(
             "every key must be a non-empty string of at most {MAX_KEY_BYTES} bytes"
         )));
     }
-    if body.prekeys.len() > MAX_PREKEYS_PER_PUT {
+    if prekeys.len() > MAX_PREKEYS_PER_PUT {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_PREKEYS_PER_PUT} prekeys per upload"
         )));
@@ -423,7 +425,7 @@ async fn put_keys(
             identity_key: body.identity_key,
             signed_prekey: body.signed_prekey,
         },
-        prekeys: body.prekeys,
+        prekeys,
     };
     state.router.user(me.user, req).await?;
     Ok(HttpResponse::NoContent().finish())
