@@ -25,6 +25,9 @@ pub enum ActorError {
     /// Wrong handle or password; deliberately the same for both.
     #[error("wrong handle or password")]
     InvalidCredentials,
+    /// No media with that id.
+    #[error("unknown media")]
+    UnknownMedia,
     /// The user has not published a key bundle.
     #[error("this user has not published keys")]
     NoKeys,
@@ -57,6 +60,7 @@ impl ActorError {
             ActorError::InvalidCredentials => "invalid_credentials",
             ActorError::HandleTaken => "handle_taken",
             ActorError::NoKeys => "no_keys",
+            ActorError::UnknownMedia => "unknown_media",
             ActorError::BadRequest(_) => "bad_request",
             ActorError::Unavailable => "owner_unavailable",
             ActorError::Storage(_) => "storage_error",
@@ -67,7 +71,10 @@ impl ActorError {
     /// The HTTP status the contract gives this error.
     pub fn status(&self) -> u16 {
         match self {
-            ActorError::UnknownUser | ActorError::UnknownConversation | ActorError::NoKeys => 404,
+            ActorError::UnknownUser
+            | ActorError::UnknownConversation
+            | ActorError::NoKeys
+            | ActorError::UnknownMedia => 404,
             ActorError::NotMember => 403,
             ActorError::Unauthorized | ActorError::InvalidCredentials => 401,
             ActorError::HandleTaken => 409,

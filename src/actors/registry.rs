@@ -19,12 +19,13 @@ use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 
 use super::conversation::ConversationActor;
 use super::error::ActorError;
+use super::messages::ConversationRequest;
 use super::route::Route;
 use super::user::UserActor;
 use crate::config::Limits;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
-use crate::storage::Store;
+use crate::storage::{MediaRecord, MediaWriter, Store};
 
 /// What every entity actor on this node shares.
 pub struct Registry {
@@ -116,6 +117,57 @@ impl Registry {
                 },
             ),
         );
+    }
+
+    /// Starts an upload into the media store.
+    pub async fn media_writer(&self) -> Result<MediaWriter, ActorError> {
+        Ok(self.store.media_writer().await?)
+    }
+
+    /// Makes a finished upload durable and records it; the answer for `POST /media`.
+    pub async fn save_media(
+        &self,
+        writer: MediaWriter,
+        content_type: String,
+        uploader: UserId,
+    ) -> Result<MediaRecord, ActorError> {
+        let (sha256, size) = writer.finish().await?;
+        let rec = MediaRecord {
+            media_id: uuid::Uuid::new_v4(),
+            sha256,
+            size,
+            content_type,
+            uploader,
+            created_at: crate::now_ms(),
+        };
+        self.store.put_media(&rec)?;
+        self.store.commit(1).await?;
+        Ok(rec)
+    }
+
+    /// The media `user` may read, with the path of its bytes. Readable by its uploader
+    /// and by members of a conversation holding a message that references it.
+    pub async fn readable_media(
+        &self,
+        user: UserId,
+        id: uuid::Uuid,
+    ) -> Result<(MediaRecord, std::path::PathBuf), ActorError> {
+        let rec = self.store.media(id)?.ok_or(ActorError::UnknownMedia)?;
+        let path = self.store.media_path(&rec.sha256);
+        if rec.uploader == user {
+            return Ok((rec, path));
+        }
+        let route = self.route().ok_or(ActorError::Unavailable)?;
+        for conversation in self.store.media_refs(id)? {
+            if route
+                .conversation(conversation, ConversationRequest::View { user })
+                .await
+                .is_ok()
+            {
+                return Ok((rec, path));
+            }
+        }
+        Err(ActorError::NotMember)
     }
 
     /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.

@@ -39,6 +39,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/users/{user_id}").get(user))
                 .service(resource("/users/{user_id}/keys").get(claim_keys))
                 .service(resource("/keys").put(put_keys))
+                .service(resource("/media").post(upload_media))
+                .service(resource("/media/{media_id}").get(download_media))
                 .service(resource("/sessions").post(login))
                 .service(resource("/sessions/current").delete(logout))
                 .service(resource("/contacts").get(contacts))
@@ -383,6 +385,80 @@ async fn find_user(
         .await?
         .ok_or(ActorError::UnknownUser)?;
     profile(&state, id).await
+}
+
+/// `POST /media`: streams the body into the media store (never whole in memory),
+/// refusing it past `max_media_bytes` without keeping any of it.
+async fn upload_media(
+    state: web::Data<AppState>,
+    me: Authed,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let max = state.limits.max_media_bytes;
+    let too_large = || ApiError::new(413, "too_large", format!("upload over {max} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 255)
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let registry = state.router.registry();
+    // Dropping the writer (on any early return) deletes the partial file.
+    let mut writer = registry.media_writer().await?;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload cut off: {e}")))?;
+        if writer.size() + chunk.len() as u64 > max {
+            return Err(too_large());
+        }
+        writer
+            .write(&chunk)
+            .await
+            .map_err(|e| ApiError::from(ActorError::from(e)))?;
+    }
+    if declared.is_some_and(|n| n != writer.size()) {
+        return Err(ApiError::bad_request(
+            "upload shorter than its Content-Length",
+        ));
+    }
+    let rec = registry.save_media(writer, content_type, me.user).await?;
+    Ok(HttpResponse::Created().json(json!({
+        "media_id": rec.media_id,
+        "size": rec.size,
+        "sha256": rec.sha256,
+        "content_type": rec.content_type,
+    })))
+}
+
+/// `GET /media/{id}`: the bytes, with `Range` support (206, 416) from actix-files.
+async fn download_media(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let id: uuid::Uuid = parse_id(&path, "media_id")?;
+    let (rec, file) = state.router.registry().readable_media(me.user, id).await?;
+    let named = actix_files::NamedFile::open_async(&file)
+        .await
+        .map_err(|e| ApiError::new(500, "storage_error", format!("media file: {e}")))?;
+    let mime = rec
+        .content_type
+        .parse()
+        .unwrap_or(actix_web::mime::APPLICATION_OCTET_STREAM);
+    Ok(named
+        .set_content_type(mime)
+        .disable_content_disposition()
+        .into_response(&req))
 }
 
 /// Longest opaque key string accepted (identity key, signed prekey, one prekey).

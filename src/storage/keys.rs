@@ -20,6 +20,8 @@
 //!                     conv(16) 03 user(16)            -> Watermarks
 //!                     conv(16) 04                     -> fanned-out seq (u64)
 //! fanout tree         conv(16)                        -> (empty): fan-out pending
+//! media tree          media(16) 00                    -> MediaRecord
+//!                     media(16) 01 conv(16)           -> (empty): referenced there
 //! ```
 
 pub const USER_PROFILE: u8 = 0x00;
@@ -29,6 +31,9 @@ pub const USER_CONVERSATION: u8 = 0x03;
 pub const USER_CONTACT: u8 = 0x04;
 pub const USER_KEYS: u8 = 0x05;
 pub const USER_PREKEY: u8 = 0x06;
+
+pub const MEDIA_RECORD: u8 = 0x00;
+pub const MEDIA_REF: u8 = 0x01;
 
 pub const CONV_RECORD: u8 = 0x00;
 pub const CONV_MESSAGE: u8 = 0x01;

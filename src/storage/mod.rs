@@ -15,12 +15,14 @@ mod codec;
 mod commit;
 mod error;
 mod keys;
+mod media;
 mod records;
 mod store;
 
 pub use error::StorageError;
+pub use media::MediaWriter;
 pub use records::{
-    ConversationKind, ConversationRecord, InboxEntry, KeyBundle, MessageKind, MessageRecord,
-    TokenRecord, UserConversation, UserRecord, Watermarks,
+    ConversationKind, ConversationRecord, InboxEntry, KeyBundle, MediaRecord, MessageKind,
+    MessageRecord, TokenRecord, UserConversation, UserRecord, Watermarks,
 };
 pub use store::Store;

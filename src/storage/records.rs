@@ -95,3 +95,15 @@ pub struct KeyBundle {
     pub identity_key: String,
     pub signed_prekey: String,
 }
+
+/// An uploaded media object. Several ids may share one file (same bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRecord {
+    pub media_id: Uuid,
+    /// Hex SHA-256 of the bytes: also the file's name in the media store.
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: String,
+    pub uploader: UserId,
+    pub created_at: i64,
+}

@@ -34,6 +34,8 @@ struct Inner {
     handles: Tree,
     conversations: Tree,
     fanout: Tree,
+    media: Tree,
+    media_dir: std::path::PathBuf,
     committer: Committer,
 }
 
@@ -47,12 +49,17 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let committer = Committer::start(db.clone(), dir)?;
+        let media_dir = dir.join("media");
+        std::fs::create_dir_all(&media_dir)?;
+        super::media::sweep_tmp(&media_dir);
         Ok(Store {
             inner: Arc::new(Inner {
                 users: db.open_tree("users")?,
                 handles: db.open_tree("handles")?,
                 conversations: db.open_tree("conversations")?,
                 fanout: db.open_tree("fanout")?,
+                media: db.open_tree("media")?,
+                media_dir,
                 db,
                 committer,
             }),
@@ -73,6 +80,54 @@ impl Store {
     /// Bytes sled reports on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    // ---- media ----------------------------------------------------------------------
+
+    /// Starts writing an upload into the media store.
+    pub async fn media_writer(&self) -> Result<super::MediaWriter> {
+        super::MediaWriter::create(&self.inner.media_dir).await
+    }
+
+    /// Where the bytes with this hash live.
+    pub fn media_path(&self, sha256: &str) -> std::path::PathBuf {
+        self.inner.media_dir.join(sha256)
+    }
+
+    pub fn put_media(&self, rec: &MediaRecord) -> Result<()> {
+        let key = tagged(rec.media_id.as_bytes(), MEDIA_RECORD);
+        self.inner.media.insert(key, encode(rec)?)?;
+        Ok(())
+    }
+
+    pub fn media(&self, id: uuid::Uuid) -> Result<Option<MediaRecord>> {
+        get(
+            &self.inner.media,
+            "media",
+            &tagged(id.as_bytes(), MEDIA_RECORD),
+        )
+    }
+
+    /// Records that a message in `conversation` references the media.
+    pub fn add_media_ref(&self, id: uuid::Uuid, conversation: ConversationId) -> Result<()> {
+        let key = with_parts(id.as_bytes(), MEDIA_REF, &[conversation.as_bytes()]);
+        self.inner.media.insert(key, &[])?;
+        Ok(())
+    }
+
+    /// Conversations holding a message that references the media.
+    pub fn media_refs(&self, id: uuid::Uuid) -> Result<Vec<ConversationId>> {
+        let prefix = tagged(id.as_bytes(), MEDIA_REF);
+        let mut out = Vec::new();
+        for item in self.inner.media.scan_prefix(&prefix).keys() {
+            let k = item?;
+            let raw: [u8; 16] = k
+                .get(17..)
+                .and_then(|c| c.try_into().ok())
+                .ok_or_else(|| corrupt("media", &k, "reference key length"))?;
+            out.push(ConversationId(uuid::Uuid::from_bytes(raw)));
+        }
+        Ok(out)
     }
 
     // ---- users ----------------------------------------------------------------------

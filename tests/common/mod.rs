@@ -241,6 +241,11 @@ impl Node {
         }
     }
 
+    /// The node's data directory (for checks on what it keeps on disk).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join("n1")
+    }
+
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
