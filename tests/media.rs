@@ -177,3 +177,55 @@ async fn limits_cut_off_uploads_and_access() {
     let r = node.get(&format!("/media/{id}"), None).await;
     assert_http_error(&r, 401, "unauthorized", "no token");
 }
+
+#[tokio::test]
+async fn messages_reference_only_readable_media_and_grant_access() {
+    let node = Node::start("").await;
+    let a = node.user("mra").await;
+    let b = node.user("mrb").await;
+    let c = node.user("mrc").await;
+    let up = upload(&node, &a.token, b"image bytes".to_vec(), "image/png").await;
+    let id = str_field(&up.body, "media_id").to_string();
+
+    // b cannot read it before any message references it.
+    assert_eq!(get_media(&node, &b.token, &id, None).await.status(), 403);
+
+    let mut aw = node.ws(&a.token).await;
+    aw.sync(0).await;
+    let cmid = new_uuid();
+    aw.send_json(&serde_json::json!({"type": "send", "client_msg_id": cmid, "to_user": b.id, "body": "look", "media": [id]}))
+        .await;
+    let ack = aw.ack_for(&cmid).await;
+    let mut bw = node.ws(&b.token).await;
+    let s = bw.sync_n(0, 1).await;
+    assert_eq!(s.messages[0]["message"]["media"], serde_json::json!([id]));
+    assert_eq!(s.messages[0]["message"]["message_id"], ack["message_id"]);
+    // Now b, a member of the conversation holding it, may read it; c may not.
+    let r = get_media(&node, &b.token, &id, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body").as_ref(), b"image bytes");
+    assert_eq!(get_media(&node, &c.token, &id, None).await.status(), 403);
+
+    // c may not attach media it cannot read, nor unknown media; nothing is stored.
+    let mut cw = node.ws(&c.token).await;
+    cw.sync(0).await;
+    for (media, code) in [(id.clone(), "not_member"), (new_uuid(), "unknown_media")] {
+        let cmid = new_uuid();
+        cw.send_json(&serde_json::json!({"type": "send", "client_msg_id": cmid, "to_user": a.id, "body": "x", "media": [media]}))
+            .await;
+        let e = cw.recv_type("error").await;
+        assert_error_frame(&e, code, "media the sender cannot read");
+        assert_eq!(e["client_msg_id"], cmid.as_str());
+    }
+    assert_eq!(
+        node.get("/conversations", Some(&c.token)).await.body,
+        serde_json::json!([])
+    );
+
+    // b can forward what it can read; then c can read it too.
+    let fwd = new_uuid();
+    bw.send_json(&serde_json::json!({"type": "send", "client_msg_id": fwd, "to_user": c.id, "body": "fwd", "media": [id]}))
+        .await;
+    bw.ack_for(&fwd).await;
+    assert_eq!(get_media(&node, &c.token, &id, None).await.status(), 200);
+}

@@ -170,6 +170,28 @@ impl Registry {
         Err(ActorError::NotMember)
     }
 
+    /// Whether `user` may attach the media to a message: it exists, and `user`
+    /// uploaded it or is a member of a conversation already holding it. Synchronous
+    /// (storage reads only), so a conversation can check without giving up its order.
+    pub(crate) fn check_media_readable(
+        &self,
+        user: UserId,
+        id: uuid::Uuid,
+    ) -> Result<(), ActorError> {
+        let rec = self.store.media(id)?.ok_or(ActorError::UnknownMedia)?;
+        if rec.uploader == user {
+            return Ok(());
+        }
+        for conversation in self.store.media_refs(id)? {
+            if let Some(c) = self.store.conversation(conversation)? {
+                if c.members.contains(&user) {
+                    return Ok(());
+                }
+            }
+        }
+        Err(ActorError::NotMember)
+    }
+
     /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.
     /// Handles are entities with no state beyond their owner, so a compare-and-swap at
     /// their home node is all the "actor" they need.

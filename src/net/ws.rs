@@ -520,14 +520,6 @@ impl WsSession {
                 Err(_) => return self.error(ctx, "bad_request", "media ids must be UUIDs", cmid),
             }
         }
-        if !media.is_empty() {
-            return self.error(
-                ctx,
-                "unsupported",
-                "media is not available in this release",
-                cmid,
-            );
-        }
         if !self.bucket.take() {
             let msg = format!("over {} sends per second", self.limits.sends_per_second);
             return self.error(ctx, "rate_limited", &msg, cmid);
