@@ -29,6 +29,7 @@ use uuid::Uuid;
 use super::error::ActorError;
 use super::messages::*;
 use super::registry::Registry;
+use super::route::Route;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
@@ -456,23 +457,17 @@ impl ConversationActor {
             let (Some(route), Some(record)) = (act.registry.route(), &act.record) else {
                 return Ok(ConversationReply::Done);
             };
-            let event = SessionEvent::Receipt {
-                conversation_id: act.id,
-                user_id: user,
-                status,
-                seq,
-            };
-            for member in record.members.iter().filter(|m| **m != user) {
-                let call = route.user(
-                    *member,
-                    UserRequest::Notify {
-                        event: event.clone(),
-                    },
-                );
-                actix::spawn(async move {
-                    let _ = call.await;
-                });
-            }
+            notify_others(
+                route.as_ref(),
+                &record.members,
+                user,
+                SessionEvent::Receipt {
+                    conversation_id: act.id,
+                    user_id: user,
+                    status,
+                    seq,
+                },
+            );
             Ok(ConversationReply::Done)
         })
     }
@@ -485,17 +480,7 @@ impl ConversationActor {
                 conversation_id: self.id,
                 user_id: user,
             };
-            for member in record.members.iter().filter(|m| **m != user) {
-                let call = route.user(
-                    *member,
-                    UserRequest::Notify {
-                        event: event.clone(),
-                    },
-                );
-                actix::spawn(async move {
-                    let _ = call.await;
-                });
-            }
+            notify_others(route.as_ref(), &record.members, user, event);
         }
         Ok(ConversationReply::Done)
     }
@@ -529,6 +514,22 @@ impl ConversationActor {
                 .map(|m| (*m, self.watermarks.get(m).copied().unwrap_or_default()))
                 .collect(),
         ))
+    }
+}
+
+/// Pushes `event` to the live sessions of every member but `except`, without waiting:
+/// receipts and typing are best-effort signals, not stored state.
+fn notify_others(route: &dyn Route, members: &[UserId], except: UserId, event: SessionEvent) {
+    for member in members.iter().filter(|m| **m != except) {
+        let call = route.user(
+            *member,
+            UserRequest::Notify {
+                event: event.clone(),
+            },
+        );
+        actix::spawn(async move {
+            let _ = call.await;
+        });
     }
 }
 
