@@ -73,14 +73,7 @@ fn bad_cluster_files_get_one_line_errors() {
 #[tokio::test]
 async fn health_and_metrics() {
     let node = Node::start("").await;
-    let health = node
-        .call_raw(
-            reqwest::Method::GET,
-            &format!("{}/healthz", node.base()),
-            &[],
-            None,
-        )
-        .await;
+    let health = node.get_root("/healthz").await;
     assert_eq!(health.status, 200, "{}", health.text);
     // Some traffic, so that every series has a sample.
     let a = node.user("met").await;
@@ -88,14 +81,7 @@ async fn health_and_metrics() {
     let mut aw = node.ws(&a.token).await;
     aw.sync(0).await;
     aw.send_to_user(&b.id, "hello").await;
-    let metrics = node
-        .call_raw(
-            reqwest::Method::GET,
-            &format!("{}/metrics", node.base()),
-            &[],
-            None,
-        )
-        .await;
+    let metrics = node.get_root("/metrics").await;
     assert_eq!(metrics.status, 200);
     for series in [
         "switchboard_ws_connections 1",

@@ -157,14 +157,7 @@ async fn a_dead_webhook_never_holds_up_acks() {
     // The failed deliveries are counted once retries run out.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let m = node
-            .call_raw(
-                reqwest::Method::GET,
-                &format!("{}/metrics", node.base()),
-                &[],
-                None,
-            )
-            .await;
+        let m = node.get_root("/metrics").await;
         let failed: f64 = m
             .text
             .lines()

@@ -76,7 +76,8 @@ pub struct ConversationActor {
     id: ConversationId,
     registry: Arc<Registry>,
     load_error: Option<ActorError>,
-    record: Option<ConversationRecord>,
+    /// Shared, so fan-out and notifications borrow it without copying the members.
+    record: Option<Arc<ConversationRecord>>,
     /// Highest seq assigned.
     last_seq: u64,
     /// Highest seq known flushed: the only ones acked, fanned out or shown in history.
@@ -122,7 +123,7 @@ impl ConversationActor {
 
     fn load_state(&mut self) -> Result<(), ActorError> {
         let store = self.registry.store();
-        self.record = store.conversation(self.id)?;
+        self.record = store.conversation(self.id)?.map(Arc::new);
         let Some(record) = &self.record else {
             return Ok(());
         };
@@ -175,11 +176,6 @@ impl ConversationActor {
         }
         if let Err(e) = self.is_member(sender) {
             return done(Err(e));
-        }
-        if body.len() > self.registry.limits().max_message_bytes {
-            return done(Err(ActorError::BadRequest(
-                "body over max_message_bytes".into(),
-            )));
         }
         let store = self.registry.store();
         match store.idempotent_seq(self.id, sender, &client_msg_id) {
@@ -246,7 +242,7 @@ impl ConversationActor {
             .iter()
             .map(|m| (*m, Member::new(0)))
             .collect();
-        self.record = Some(record);
+        self.record = Some(Arc::new(record));
         Ok(())
     }
 
@@ -364,7 +360,7 @@ impl ConversationActor {
                 UserRequest::AppendInbox {
                     conversation_id: self.id,
                     kind: record.kind.clone(),
-                    members: record.members.clone(),
+                    peer: direct_peer(&record, user),
                     messages,
                 },
             );
@@ -514,6 +510,21 @@ impl ConversationActor {
                 .map(|m| (*m, self.watermarks.get(m).copied().unwrap_or_default()))
                 .collect(),
         ))
+    }
+}
+
+/// `user`'s peer in a direct conversation (itself for notes to self).
+fn direct_peer(record: &ConversationRecord, user: UserId) -> Option<UserId> {
+    match record.kind {
+        ConversationKind::Direct => Some(
+            record
+                .members
+                .iter()
+                .copied()
+                .find(|m| *m != user)
+                .unwrap_or(user),
+        ),
+        ConversationKind::Group { .. } => None,
     }
 }
 

@@ -129,7 +129,8 @@ pub enum UserRequest {
     AppendInbox {
         conversation_id: ConversationId,
         kind: ConversationKind,
-        members: Vec<UserId>,
+        /// For a direct conversation, the other member (oneself for notes to self).
+        peer: Option<UserId>,
         messages: Vec<Arc<MessageRecord>>,
     },
     Conversations,

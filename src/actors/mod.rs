@@ -27,7 +27,7 @@ pub use error::ActorError;
 pub use messages::*;
 pub use registry::Registry;
 pub use route::{Call, Delivery, Route};
-pub use user::{UserActor, MAX_SYNC_PAGE};
+pub use user::UserActor;
 
 /// The stored records that requests and replies carry, re-exported so that callers of
 /// this layer need not reach into `storage`.

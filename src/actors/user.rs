@@ -37,7 +37,7 @@ use crate::storage::{
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// Longest inbox page a sync may ask for.
-pub const MAX_SYNC_PAGE: usize = 512;
+const MAX_SYNC_PAGE: usize = 512;
 
 type Reply = ResponseActFuture<UserActor, Result<UserReply, ActorError>>;
 
@@ -440,23 +440,17 @@ impl UserActor {
         &mut self,
         conversation_id: ConversationId,
         kind: ConversationKind,
-        members: Vec<UserId>,
+        peer: Option<UserId>,
         mut messages: Vec<Arc<MessageRecord>>,
     ) -> Reply {
         messages.sort_by_key(|m| m.seq);
         let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-        let me = self.id;
         let conv = self
             .conversations
             .entry(conversation_id)
             .or_insert_with(|| UserConversation {
                 conversation_id,
-                peer_id: match kind {
-                    ConversationKind::Direct => {
-                        Some(members.iter().copied().find(|m| *m != me).unwrap_or(me))
-                    }
-                    ConversationKind::Group { .. } => None,
-                },
+                peer_id: peer,
                 kind,
                 head: 0,
             });
@@ -690,9 +684,9 @@ impl Handler<UserCall> for UserActor {
             UserRequest::AppendInbox {
                 conversation_id,
                 kind,
-                members,
+                peer,
                 messages,
-            } => self.append_inbox(conversation_id, kind, members, messages),
+            } => self.append_inbox(conversation_id, kind, peer, messages),
             UserRequest::Conversations => done(Ok(UserReply::Conversations(
                 self.conversations.values().cloned().collect(),
             ))),

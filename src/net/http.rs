@@ -559,12 +559,10 @@ async fn add_contact(
     me: Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let contact: UserId = parse_id(&path, "user_id")?;
-    let reply = state
-        .router
-        .user(me.user, UserRequest::AddContact { contact })
-        .await?;
-    contact_list(&state, reply).await
+    change_contacts(&state, me, &path, |contact| UserRequest::AddContact {
+        contact,
+    })
+    .await
 }
 
 async fn remove_contact(
@@ -572,12 +570,22 @@ async fn remove_contact(
     me: Authed,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let contact: UserId = parse_id(&path, "user_id")?;
-    let reply = state
-        .router
-        .user(me.user, UserRequest::RemoveContact { contact })
-        .await?;
-    contact_list(&state, reply).await
+    change_contacts(&state, me, &path, |contact| UserRequest::RemoveContact {
+        contact,
+    })
+    .await
+}
+
+/// Applies a contact change for the caller and answers with the resulting list.
+async fn change_contacts(
+    state: &AppState,
+    me: Authed,
+    raw_id: &str,
+    change: fn(UserId) -> UserRequest,
+) -> Result<HttpResponse, ApiError> {
+    let contact: UserId = parse_id(raw_id, "user_id")?;
+    let reply = state.router.user(me.user, change(contact)).await?;
+    contact_list(state, reply).await
 }
 
 async fn conversations(state: web::Data<AppState>, me: Authed) -> Result<HttpResponse, ApiError> {

@@ -29,7 +29,6 @@ pub struct Store {
 }
 
 struct Inner {
-    db: sled::Db,
     users: Tree,
     handles: Tree,
     conversations: Tree,
@@ -60,7 +59,6 @@ impl Store {
                 fanout: db.open_tree("fanout")?,
                 media: db.open_tree("media")?,
                 media_dir,
-                db,
                 committer,
             }),
         })
@@ -75,11 +73,6 @@ impl Store {
     /// The last flush failure, while the disk keeps failing.
     pub fn failure(&self) -> Option<String> {
         self.inner.committer.failure()
-    }
-
-    /// Bytes sled reports on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
     }
 
     // ---- media ----------------------------------------------------------------------
@@ -121,10 +114,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.media.scan_prefix(&prefix).keys() {
             let k = item?;
-            let raw: [u8; 16] = k
-                .get(17..)
-                .and_then(|c| c.try_into().ok())
-                .ok_or_else(|| corrupt("media", &k, "reference key length"))?;
+            let raw: [u8; 16] = key_suffix("media", &k, "reference key length")?;
             out.push(ConversationId(uuid::Uuid::from_bytes(raw)));
         }
         Ok(out)
@@ -189,10 +179,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.users.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let hash: [u8; 32] = k
-                .get(17..)
-                .and_then(|h| h.try_into().ok())
-                .ok_or_else(|| corrupt("users", &k, "token key length"))?;
+            let hash: [u8; 32] = key_suffix("users", &k, "token key length")?;
             out.push((hash, decode("users", &k, &v)?));
         }
         Ok(out)
@@ -215,10 +202,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.users.scan_prefix(&prefix) {
             let (k, _) = item?;
-            let raw: [u8; 16] = k
-                .get(17..)
-                .and_then(|c| c.try_into().ok())
-                .ok_or_else(|| corrupt("users", &k, "contact key length"))?;
+            let raw: [u8; 16] = key_suffix("users", &k, "contact key length")?;
             out.push(UserId(uuid::Uuid::from_bytes(raw)));
         }
         Ok(out)
@@ -477,10 +461,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.conversations.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let user: [u8; 16] = k
-                .get(17..)
-                .and_then(|u| u.try_into().ok())
-                .ok_or_else(|| corrupt("conversations", &k, "watermark key length"))?;
+            let user: [u8; 16] = key_suffix("conversations", &k, "watermark key length")?;
             out.push((
                 UserId(uuid::Uuid::from_bytes(user)),
                 decode("conversations", &k, &v)?,
@@ -554,6 +535,13 @@ fn user_id_value(handle: &str, v: &[u8]) -> Result<UserId> {
         .try_into()
         .map_err(|_| corrupt("handles", handle.as_bytes(), "user id length"))?;
     Ok(UserId(uuid::Uuid::from_bytes(raw)))
+}
+
+/// The fixed-size part after `entity(16) | tag` in a key (a token hash, an id).
+fn key_suffix<const N: usize>(tree: &'static str, key: &[u8], what: &str) -> Result<[u8; N]> {
+    key.get(17..)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| corrupt(tree, key, what))
 }
 
 fn corrupt(tree: &'static str, key: &[u8], reason: &str) -> StorageError {

@@ -335,6 +335,17 @@ impl Node {
         Resp { status, body, text }
     }
 
+    /// GET at the server root (`/healthz`, `/metrics`), outside the API prefix.
+    pub async fn get_root(&self, path: &str) -> Resp {
+        self.call_raw(
+            reqwest::Method::GET,
+            &format!("{}{path}", self.base()),
+            &[],
+            None,
+        )
+        .await
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
         self.call(reqwest::Method::GET, path, token, None).await
     }
