@@ -13,6 +13,9 @@ use uuid::Uuid;
 /// Namespace for direct-conversation ids: the standard URL namespace of RFC 4122, so any
 /// client can derive the same id from the two user ids.
 const DIRECT_NAMESPACE: Uuid = Uuid::NAMESPACE_URL;
+/// Namespace for group-conversation ids (distinct from the direct one, and the name is
+/// 16 bytes there against 32 here, so the two kinds never collide).
+const GROUP_NAMESPACE: Uuid = Uuid::NAMESPACE_OID;
 
 macro_rules! entity_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
@@ -84,6 +87,19 @@ impl ConversationId {
         name[..16].copy_from_slice(lo.as_bytes());
         name[16..].copy_from_slice(hi.as_bytes());
         ConversationId(Uuid::new_v5(&DIRECT_NAMESPACE, &name))
+    }
+}
+
+impl GroupId {
+    /// A fresh random group id.
+    pub fn random() -> Self {
+        GroupId(Uuid::new_v4())
+    }
+
+    /// The group's conversation: a UUIDv5 of the group id, so the pair can never come
+    /// apart (a retried creation cannot mint a second conversation).
+    pub fn conversation(&self) -> ConversationId {
+        ConversationId(Uuid::new_v5(&GROUP_NAMESPACE, self.as_bytes()))
     }
 }
 

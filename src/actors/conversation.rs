@@ -2,7 +2,11 @@
 //!
 //! Owns the message sequence (1, 2, 3... no gaps), the idempotency index
 //! (sender + `client_msg_id` -> the first ack), the per-member delivered/read
-//! watermarks, and the fan-out of each stored message to every member's inbox.
+//! watermarks, and the fan-out of each stored message to every member's inbox. For a
+//! group's conversation it also holds the member list the Group actor gives it and
+//! each member's stays (which seqs it may receive): a membership change is a `system`
+//! message written in the same batch as the new member list, so it takes its place in
+//! the seq order like any other message.
 //!
 //! A message's path through here:
 //! 1. check membership and limits; a known `client_msg_id` answers the original ack;
@@ -14,11 +18,12 @@
 //!    never holds up the others, and failures retry with backoff.
 //!
 //! Fan-out is at-least-once and the inbox append is idempotent, so every member gets
-//! every message exactly once. A persistent "fan-out pending" mark is set before the
+//! every message of its stays exactly once (a member removed gets its removal, then
+//! nothing more). A persistent "fan-out pending" mark is set before the
 //! first message of a burst is written and cleared once all members have it; after a
 //! restart the node wakes every marked conversation and the fan-out resumes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,10 +35,12 @@ use super::error::ActorError;
 use super::messages::*;
 use super::registry::Registry;
 use super::route::Route;
-use crate::ids::{ConversationId, UserId};
+use super::sequence::{change_spans, next_run, Span};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
-    ConversationKind, ConversationRecord, MessageKind, MessageRecord, StorageError, Watermarks,
+    ConversationKind, ConversationRecord, GroupMembership, MemberSpan, MessageKind, MessageRecord,
+    StorageError, Watermarks,
 };
 
 const IDLE_AFTER: Duration = Duration::from_secs(60);
@@ -87,7 +94,16 @@ pub struct ConversationActor {
     /// Watermarks written, possibly not yet flushed: what new marks are compared to,
     /// so that stored values only ever rise.
     written_watermarks: HashMap<UserId, Watermarks>,
+    /// Fan-out progress of every member, and of former members until they have
+    /// everything up to their removal.
     members: HashMap<UserId, Member>,
+    /// Members with something left to receive, as of the last full pump.
+    behind: HashSet<UserId>,
+    /// Group conversations: the group's membership version applied here, and each
+    /// (former) member's stays. Empty for direct conversations, whose members are
+    /// there from seq 1 on.
+    membership_version: u64,
+    spans: HashMap<UserId, Vec<Span>>,
     /// The newest messages, ascending by seq, for fan-out without reads.
     recent: VecDeque<Arc<MessageRecord>>,
     /// Body bytes held in `recent`.
@@ -109,6 +125,9 @@ impl ConversationActor {
             watermarks: HashMap::new(),
             written_watermarks: HashMap::new(),
             members: HashMap::new(),
+            behind: HashSet::new(),
+            membership_version: 0,
+            spans: HashMap::new(),
             recent: VecDeque::new(),
             recent_bytes: 0,
             fanout_marked: false,
@@ -135,12 +154,49 @@ impl ConversationActor {
         let mark = store.fanout_mark(self.id)?;
         self.fanout_marked = mark.is_some();
         let done = mark.unwrap_or(self.last_seq).min(self.last_seq);
+        let membership = store.membership(self.id)?;
+        self.membership_version = membership.version;
+        for s in membership.spans {
+            self.spans.entry(s.user).or_default().push(Span {
+                from: s.from,
+                until: s.until,
+            });
+        }
+        // Everyone who may still be owed messages restarts from the mark; the idempotent
+        // inbox append skips what they already have.
         self.members = record
             .members
             .iter()
+            .chain(self.spans.keys())
             .map(|m| (*m, Member::new(done)))
             .collect();
         Ok(())
+    }
+
+    fn is_group(&self) -> bool {
+        matches!(
+            self.record.as_ref().map(|r| &r.kind),
+            Some(ConversationKind::Group { .. })
+        )
+    }
+
+    /// The next run of seqs `user` should receive after `done`.
+    fn run_for(&self, user: UserId, done: u64) -> Option<(u64, u64)> {
+        let spans = if self.is_group() {
+            self.spans.get(&user).map_or(&[][..], Vec::as_slice)
+        } else {
+            std::slice::from_ref(&Span::ALWAYS)
+        };
+        next_run(spans, done, self.durable_seq, FANOUT_BATCH)
+    }
+
+    /// Where `user`'s current stay began: the first seq its history may show.
+    fn joined_at(&self, user: UserId) -> u64 {
+        self.spans
+            .get(&user)
+            .and_then(|s| s.last())
+            .filter(|s| s.until.is_none())
+            .map_or(1, |s| s.from)
     }
 
     fn is_member(&self, user: UserId) -> Result<&ConversationRecord, ActorError> {
@@ -249,14 +305,20 @@ impl ConversationActor {
     /// Writes the fan-out mark (first, so a recovered message always has it) and the
     /// message with its idempotency entry.
     fn store_message(&mut self, message: &MessageRecord) -> Result<(), StorageError> {
-        let store = self.registry.store();
+        self.mark_pending()?;
+        self.registry.store().put_message(message)?;
+        self.last_seq = message.seq;
+        Ok(())
+    }
+
+    /// Sets the persistent fan-out-pending mark, unless it is set: written before the
+    /// message it covers, so a recovered message always has it.
+    fn mark_pending(&mut self) -> Result<(), StorageError> {
         if !self.fanout_marked {
             let done = self.members.values().map(|m| m.done).min().unwrap_or(0);
-            store.mark_fanout(self.id, done)?;
+            self.registry.store().mark_fanout(self.id, done)?;
             self.fanout_marked = true;
         }
-        store.put_message(message)?;
-        self.last_seq = message.seq;
         Ok(())
     }
 
@@ -321,53 +383,66 @@ impl ConversationActor {
         )
     }
 
-    /// Sends each member that is behind (and not already waiting on an append) the next
-    /// batch of durable messages.
+    /// Finds every member with messages to receive and sends each one that is not
+    /// already waiting on an append its next run of durable messages.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        let Some(record) = self.record.clone() else {
-            return;
-        };
-        let Some(route) = self.registry.route() else {
-            return;
-        };
-        let now = Instant::now();
-        let due: Vec<(UserId, u64)> = self
-            .members
-            .iter()
-            .filter(|(_, m)| {
-                !m.in_flight && m.done < self.durable_seq && m.retry_at.is_none_or(|t| t <= now)
-            })
-            .map(|(u, m)| (*u, m.done))
-            .collect();
-        for (user, from) in due {
-            let upto = self.durable_seq.min(from + FANOUT_BATCH);
-            let messages = match (from + 1..=upto)
-                .map(|s| self.message(s))
-                .collect::<Result<Option<Vec<_>>, _>>()
-            {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => {
-                    tracing::error!(conversation_id = %self.id, from, upto, "cannot read messages for fan-out");
-                    self.retry_later(user);
-                    continue;
-                }
-            };
-            if let Some(m) = self.members.get_mut(&user) {
-                m.in_flight = true;
-            }
-            let call = route.user(
-                user,
-                UserRequest::AppendInbox {
-                    conversation_id: self.id,
-                    kind: record.kind.clone(),
-                    peer: direct_peer(&record, user),
-                    messages,
-                },
-            );
-            ctx.spawn(wrap_future::<_, Self>(call).map(move |res, act, ctx| {
-                act.appended(user, res, ctx);
-            }));
+        let users: Vec<UserId> = self.members.keys().copied().collect();
+        for user in users {
+            self.pump_one(user, ctx);
         }
+    }
+
+    /// Sends `user` its next run, if it has one and no append is in flight.
+    fn pump_one(&mut self, user: UserId, ctx: &mut Context<Self>) {
+        let Some(m) = self.members.get(&user) else {
+            return;
+        };
+        let Some((from, upto)) = self.run_for(user, m.done) else {
+            self.behind.remove(&user);
+            // A former member with everything up to its removal is done with.
+            let former = self
+                .spans
+                .get(&user)
+                .and_then(|s| s.last())
+                .is_some_and(|s| s.until.is_some());
+            if former {
+                self.members.remove(&user);
+            }
+            return;
+        };
+        self.behind.insert(user);
+        if m.in_flight || m.retry_at.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        let (Some(record), Some(route)) = (self.record.clone(), self.registry.route()) else {
+            return;
+        };
+        let messages = match (from..=upto)
+            .map(|s| self.message(s))
+            .collect::<Result<Option<Vec<_>>, _>>()
+        {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => {
+                tracing::error!(conversation_id = %self.id, from, upto, "cannot read messages for fan-out");
+                self.retry_later(user);
+                return;
+            }
+        };
+        if let Some(m) = self.members.get_mut(&user) {
+            m.in_flight = true;
+        }
+        let call = route.user(
+            user,
+            UserRequest::AppendInbox {
+                conversation_id: self.id,
+                kind: record.kind.clone(),
+                peer: direct_peer(&record, user),
+                messages,
+            },
+        );
+        ctx.spawn(wrap_future::<_, Self>(call).map(move |res, act, ctx| {
+            act.appended(user, res, ctx);
+        }));
     }
 
     fn appended(
@@ -392,8 +467,8 @@ impl ConversationActor {
                 self.retry_later(user);
             }
         }
+        self.pump_one(user, ctx);
         self.clear_mark_if_done();
-        self.pump(ctx);
     }
 
     fn retry_later(&mut self, user: UserId) {
@@ -404,7 +479,7 @@ impl ConversationActor {
     }
 
     fn fanout_complete(&self) -> bool {
-        self.durable_seq == self.last_seq && self.members.values().all(|m| m.done >= self.last_seq)
+        self.durable_seq == self.last_seq && self.behind.is_empty()
     }
 
     fn clear_mark_if_done(&mut self) {
@@ -416,6 +491,115 @@ impl ConversationActor {
                 }
             }
         }
+    }
+
+    /// Applies the group's membership change `version` (see
+    /// [`ConversationRequest::ApplyMembership`]).
+    fn apply_membership(
+        &mut self,
+        group_id: GroupId,
+        version: u64,
+        members: Vec<UserId>,
+        by: UserId,
+        body: String,
+        ctx: &mut Context<Self>,
+    ) -> Reply {
+        match self.record.as_ref().map(|r| &r.kind) {
+            None if version == 1 && group_id.conversation() == self.id => {}
+            Some(ConversationKind::Group { group_id: g }) if *g == group_id => {}
+            _ => {
+                return done(Err(ActorError::Internal(format!(
+                    "conversation {} does not belong to group {group_id}",
+                    self.id
+                ))))
+            }
+        }
+        if version <= self.membership_version {
+            // Already applied (a retry): answer once it is durable.
+            return self.after_commit(|_, _| Ok(ConversationReply::Done));
+        }
+        let seq = self.last_seq + 1;
+        let mut spans = self.spans.clone();
+        change_spans(&mut spans, &members, seq);
+        // Stays that fan-out has delivered in full need not be kept.
+        for (user, stays) in spans.iter_mut() {
+            let done = self.members.get(user).map_or(u64::MAX, |m| m.done);
+            stays.retain(|s| s.until.is_none_or(|until| until > done));
+        }
+        spans.retain(|_, stays| !stays.is_empty());
+        let record = ConversationRecord {
+            conversation_id: self.id,
+            kind: ConversationKind::Group { group_id },
+            members,
+            created_at: self
+                .record
+                .as_ref()
+                .map_or_else(crate::now_ms, |r| r.created_at),
+        };
+        let membership = GroupMembership {
+            version,
+            spans: spans
+                .iter()
+                .flat_map(|(user, stays)| {
+                    stays.iter().map(|s| MemberSpan {
+                        user: *user,
+                        from: s.from,
+                        until: s.until,
+                    })
+                })
+                .collect(),
+        };
+        let message = MessageRecord {
+            message_id: Uuid::now_v7(),
+            conversation_id: self.id,
+            seq,
+            sender_id: by,
+            kind: MessageKind::System,
+            body,
+            media: Vec::new(),
+            client_msg_id: None,
+            ts: crate::now_ms(),
+        };
+        let written = self.mark_pending().and_then(|()| {
+            self.registry
+                .store()
+                .apply_membership(&record, &membership, &message)
+        });
+        if let Err(e) = written {
+            ctx.stop();
+            return done(Err(e.into()));
+        }
+        // Newcomers start just before their arrival; a former member coming back
+        // keeps its progress, so it still gets the rest of its earlier stay.
+        for user in &record.members {
+            self.members
+                .entry(*user)
+                .or_insert_with(|| Member::new(seq - 1));
+        }
+        self.spans = spans;
+        self.membership_version = version;
+        self.record = Some(Arc::new(record));
+        self.last_seq = seq;
+        self.remember(message);
+        self.after_commit(move |act, ctx| {
+            act.durable_seq = act.durable_seq.max(seq);
+            act.pump(ctx);
+            Ok(ConversationReply::Done)
+        })
+    }
+
+    fn shared_members(&self, user: UserId, targets: Vec<UserId>) -> ConversationReply {
+        let shared = match &self.record {
+            Some(r) if r.members.contains(&user) => {
+                let members: HashSet<&UserId> = r.members.iter().collect();
+                targets
+                    .into_iter()
+                    .filter(|t| members.contains(t))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        ConversationReply::Users(shared)
     }
 
     fn mark(&mut self, user: UserId, status: ReceiptStatus, seq: u64) -> Reply {
@@ -491,9 +675,11 @@ impl ConversationActor {
         self.is_member(user)?;
         let ceiling = self.durable_seq.saturating_add(1);
         let before = before.map_or(ceiling, |b| b.min(ceiling));
+        // A group member reads from its arrival on, as its inbox does.
+        let floor = self.joined_at(user) - 1;
         let messages = self.registry.store().messages_between(
             self.id,
-            after.unwrap_or(0),
+            after.unwrap_or(0).max(floor),
             before,
             limit,
             after.is_none(),
@@ -529,18 +715,11 @@ fn direct_peer(record: &ConversationRecord, user: UserId) -> Option<UserId> {
 }
 
 /// Pushes `event` to the live sessions of every member but `except`, without waiting:
-/// receipts and typing are best-effort signals, not stored state.
+/// receipts and typing are best-effort signals, not stored state (receipts can be read
+/// back over HTTP).
 fn notify_others(route: &dyn Route, members: &[UserId], except: UserId, event: SessionEvent) {
     for member in members.iter().filter(|m| **m != except) {
-        let call = route.user(
-            *member,
-            UserRequest::Notify {
-                event: event.clone(),
-            },
-        );
-        actix::spawn(async move {
-            let _ = call.await;
-        });
+        route.notify(*member, event.clone());
     }
 }
 
@@ -640,6 +819,16 @@ impl Handler<ConversationCall> for ConversationActor {
                 }))
             }
             ConversationRequest::Typing { user } => done(self.typing(user)),
+            ConversationRequest::ApplyMembership {
+                group_id,
+                version,
+                members,
+                by,
+                body,
+            } => self.apply_membership(group_id, version, members, by, body, ctx),
+            ConversationRequest::SharedMembers { user, targets } => {
+                done(Ok(self.shared_members(user, targets)))
+            }
             ConversationRequest::Resume => {
                 // A crash between the two writes of `clear_fanout` can leave the node's
                 // index entry without the mark: clear it, or it wakes us at every start.

@@ -31,6 +31,27 @@ pub enum ActorError {
     /// The user has not published a key bundle.
     #[error("this user has not published keys")]
     NoKeys,
+    /// No group with that id.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// Some of the users named as group members do not exist.
+    #[error("no such user: {}", list(.0))]
+    UnknownMembers(Vec<crate::ids::UserId>),
+    /// The user named is not a member of the group.
+    #[error("that user is not a member of this group")]
+    NotGroupMember,
+    /// The user is already a member of the group.
+    #[error("that user is already a member of this group")]
+    AlreadyMember,
+    /// Only a group's admins may do this.
+    #[error("only the group's admins may do this")]
+    NotAdmin,
+    /// The group already has the configured maximum of members.
+    #[error("a group may have at most {0} members")]
+    GroupFull(usize),
+    /// A group name that is empty, too long, or has control characters.
+    #[error("{0}")]
+    InvalidName(String),
     /// The handle belongs to someone else.
     #[error("handle is already taken")]
     HandleTaken,
@@ -61,6 +82,13 @@ impl ActorError {
             ActorError::HandleTaken => "handle_taken",
             ActorError::NoKeys => "no_keys",
             ActorError::UnknownMedia => "unknown_media",
+            ActorError::UnknownGroup => "unknown_group",
+            ActorError::UnknownMembers(_) => "unknown_user",
+            ActorError::NotGroupMember => "unknown_member",
+            ActorError::AlreadyMember => "already_member",
+            ActorError::NotAdmin => "not_admin",
+            ActorError::GroupFull(_) => "group_full",
+            ActorError::InvalidName(_) => "invalid_name",
             ActorError::BadRequest(_) => "bad_request",
             ActorError::Unavailable => "owner_unavailable",
             ActorError::Storage(_) => "storage_error",
@@ -74,8 +102,14 @@ impl ActorError {
             ActorError::UnknownUser
             | ActorError::UnknownConversation
             | ActorError::NoKeys
-            | ActorError::UnknownMedia => 404,
-            ActorError::NotMember => 403,
+            | ActorError::UnknownMedia
+            | ActorError::UnknownGroup
+            | ActorError::UnknownMembers(_)
+            | ActorError::NotGroupMember => 404,
+            ActorError::NotMember | ActorError::NotAdmin => 403,
+            ActorError::AlreadyMember => 409,
+            ActorError::GroupFull(_) => 422,
+            ActorError::InvalidName(_) => 400,
             ActorError::Unauthorized | ActorError::InvalidCredentials => 401,
             ActorError::HandleTaken => 409,
             ActorError::BadRequest(_) => 400,
@@ -83,6 +117,13 @@ impl ActorError {
             ActorError::Storage(_) | ActorError::Internal(_) => 500,
         }
     }
+}
+
+fn list(ids: &[crate::ids::UserId]) -> String {
+    ids.iter()
+        .map(|u| u.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl From<StorageError> for ActorError {

@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ActorError;
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::storage::{
-    ConversationKind, InboxEntry, KeyBundle, MessageRecord, UserConversation, Watermarks,
+    ConversationKind, GroupRecord, InboxEntry, KeyBundle, MessageRecord, UserConversation,
+    Watermarks,
 };
 
 /// SHA-256 of a token: how tokens are named everywhere but in the client's hands.
@@ -124,8 +125,10 @@ pub enum UserRequest {
         after: u64,
         limit: usize,
     },
-    /// Appends a conversation's messages to the inbox. Idempotent: messages at or below
-    /// the conversation's head are skipped, and nothing past a gap is taken.
+    /// Appends a conversation's messages to the inbox: one contiguous run of seqs.
+    /// Idempotent: messages at or below the conversation's head are skipped, and
+    /// nothing past a gap is taken. A run may start past the head + 1 only where the
+    /// seqs between were never this user's (see `sequence::accept_run`).
     AppendInbox {
         conversation_id: ConversationId,
         kind: ConversationKind,
@@ -227,6 +230,22 @@ pub enum ConversationRequest {
     Typing {
         user: UserId,
     },
+    /// Applies the group's membership change number `version`: writes its `system`
+    /// message and the new member list atomically. Idempotent: a version already
+    /// applied changes nothing. The first one creates the group's conversation.
+    ApplyMembership {
+        group_id: GroupId,
+        version: u64,
+        members: Vec<UserId>,
+        /// Who made the change: the `system` message's sender.
+        by: UserId,
+        body: String,
+    },
+    /// Which of `targets` are members along with `user` (none if `user` is not one).
+    SharedMembers {
+        user: UserId,
+        targets: Vec<UserId>,
+    },
 }
 
 /// The answer to a `send`, as the `ack` frame carries it.
@@ -249,12 +268,41 @@ pub enum ConversationReply {
         last_seq: u64,
         watermarks: Watermarks,
     },
+    Users(Vec<UserId>),
+}
+
+/// What the Group actor does. Every change is made by a member; the actor checks roles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupRequest {
+    /// Creates the group with `creator` as its admin and `members` (existing users,
+    /// distinct) as members.
+    Create {
+        creator: UserId,
+        name: String,
+        members: Vec<UserId>,
+    },
+    /// The group, for one of its members.
+    View { user: UserId },
+    /// An admin adds a user.
+    AddMember { by: UserId, user: UserId },
+    /// An admin removes a member, or a member removes itself (leaves).
+    RemoveMember { by: UserId, user: UserId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupReply {
+    Group(GroupRecord),
 }
 
 /// Envelope that delivers a [`UserRequest`] to a User actor.
 #[derive(Clone, Message)]
 #[rtype(result = "Result<UserReply, ActorError>")]
 pub struct UserCall(pub UserRequest);
+
+/// Envelope that delivers a [`GroupRequest`] to a Group actor.
+#[derive(Clone, Message)]
+#[rtype(result = "Result<GroupReply, ActorError>")]
+pub struct GroupCall(pub GroupRequest);
 
 /// Envelope that delivers a [`ConversationRequest`] to a Conversation actor.
 #[derive(Clone, Message)]

@@ -3,6 +3,8 @@
 //! - [`UserActor`] (`user.rs`): a user's profile, tokens, inbox, sessions, presence.
 //! - [`ConversationActor`] (`conversation.rs`): a conversation's sequence, idempotency,
 //!   watermarks and fan-out.
+//! - [`GroupActor`] (`group.rs`): a group's name, members and roles; it writes each
+//!   membership change into the group's conversation as a `system` message.
 //! - [`Registry`] (`registry.rs`): starts entity actors on first use, lets idle ones
 //!   stop, and restarts dead ones from storage on their next call.
 //! - [`Route`] (`route.rs`): the trait through which anything reaches an entity by id,
@@ -16,6 +18,7 @@
 pub mod auth;
 mod conversation;
 mod error;
+mod group;
 mod messages;
 mod registry;
 mod route;
@@ -24,6 +27,7 @@ mod user;
 
 pub use conversation::{read_messages, ConversationActor};
 pub use error::ActorError;
+pub use group::GroupActor;
 pub use messages::*;
 pub use registry::Registry;
 pub use route::{Call, Delivery, Route};
@@ -32,6 +36,6 @@ pub use user::UserActor;
 /// The stored records that requests and replies carry, re-exported so that callers of
 /// this layer need not reach into `storage`.
 pub use crate::storage::{
-    ConversationKind, InboxEntry, KeyBundle, MessageKind, MessageRecord, UserConversation,
-    Watermarks,
+    ConversationKind, GroupEvent, GroupMember, GroupRecord, GroupRole, InboxEntry, KeyBundle,
+    MessageKind, MessageRecord, UserConversation, Watermarks,
 };

@@ -19,11 +19,12 @@ use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 
 use super::conversation::ConversationActor;
 use super::error::ActorError;
+use super::group::GroupActor;
 use super::messages::ConversationRequest;
 use super::route::Route;
 use super::user::UserActor;
 use crate::config::Limits;
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{MediaRecord, MediaWriter, Store};
 
@@ -35,6 +36,7 @@ pub struct Registry {
     arbiters: Vec<ArbiterHandle>,
     users: Mutex<HashMap<UserId, Addr<UserActor>>>,
     conversations: Mutex<HashMap<ConversationId, Addr<ConversationActor>>>,
+    groups: Mutex<HashMap<GroupId, Addr<GroupActor>>>,
 }
 
 impl Registry {
@@ -50,6 +52,7 @@ impl Registry {
             arbiters,
             users: Mutex::new(HashMap::new()),
             conversations: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -91,6 +94,25 @@ impl Registry {
                 ConversationActor::load(id, registry)
             })
         })
+    }
+
+    /// The group's actor, started if it is not running.
+    pub fn group(self: &Arc<Self>, id: GroupId) -> Addr<GroupActor> {
+        let arbiter = self.arbiter_for(id.as_bytes());
+        let registry = Arc::clone(self);
+        get_or_start(&self.groups, id, "group", move || {
+            start_on(&arbiter, GROUP_MAILBOX, move || {
+                GroupActor::load(id, registry)
+            })
+        })
+    }
+
+    /// The user's actor if it is running. A user with a live session always has a
+    /// running actor (sessions keep it from idling out), so a user without one has no
+    /// session to notify.
+    pub fn running_user(&self, id: UserId) -> Option<Addr<UserActor>> {
+        let map = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&id).filter(|a| a.connected()).cloned()
     }
 
     /// Makes a starting actor wait (mailbox held) for a flush, so that what it loaded
@@ -228,6 +250,10 @@ impl Registry {
         forget(&self.users, id, addr);
     }
 
+    pub(crate) fn forget_group(&self, id: GroupId, addr: &Addr<GroupActor>) {
+        forget(&self.groups, id, addr);
+    }
+
     pub(crate) fn forget_conversation(&self, id: ConversationId, addr: &Addr<ConversationActor>) {
         forget(&self.conversations, id, addr);
     }
@@ -244,6 +270,8 @@ impl Registry {
 pub(crate) const USER_MAILBOX: usize = 1024;
 /// Calls waiting at one conversation actor before senders wait for room.
 pub(crate) const CONVERSATION_MAILBOX: usize = 4096;
+/// Calls waiting at one group actor (membership changes are rare and serialised).
+pub(crate) const GROUP_MAILBOX: usize = 256;
 
 /// Starts an actor on `arbiter` with its mailbox created at `capacity`.
 ///

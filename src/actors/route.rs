@@ -8,10 +8,10 @@ use futures_util::future::BoxFuture;
 
 use super::error::ActorError;
 use super::messages::{
-    ConversationReply, ConversationRequest, OfflineNotice, SessionEvent, SessionRef, UserReply,
-    UserRequest,
+    ConversationReply, ConversationRequest, GroupReply, GroupRequest, OfflineNotice, SessionEvent,
+    SessionRef, UserReply, UserRequest,
 };
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::storage::MessageRecord;
 
 /// A call in flight to some entity.
@@ -33,6 +33,11 @@ pub trait Route: Send + Sync + 'static {
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply>;
     fn conversation(&self, id: ConversationId, req: ConversationRequest)
         -> Call<ConversationReply>;
+    fn group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply>;
+    /// Pushes an event to the live sessions of a user, best-effort and without waiting:
+    /// a user with no live session (whose actor is not running) is skipped without
+    /// being woken, and a user whose mailbox is full misses it.
+    fn notify(&self, user: UserId, event: SessionEvent);
     /// Reads stored (durable, immutable) messages by seq, in the order asked; missing
     /// seqs are skipped.
     fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>>;

@@ -2,6 +2,10 @@
 //!
 //! - [`accept_in_order`]: the idempotent inbox append. A conversation re-sends freely
 //!   (at-least-once); the inbox takes each seq exactly once and in order.
+//! - [`next_run`], [`change_spans`], [`accept_run`]: fan-out over membership spans. A
+//!   group member receives only the seqs of its stays in the group; a conversation
+//!   sends it one contiguous run at a time, and the inbox takes a run that starts past
+//!   its head when everything in between was never the member's.
 //! - [`Reorder`]: a session's emitter. Events may reach a session out of `inbox_seq`
 //!   order (replay pages and live pushes race); the client sees them strictly in order,
 //!   each once.
@@ -24,6 +28,71 @@ pub fn accept_in_order(head: u64, seqs: &[u64]) -> (usize, usize) {
         })
         .count();
     (skip, take)
+}
+
+/// A stay of one member in a conversation: seqs `from..=until` (`None`: still there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from: u64,
+    pub until: Option<u64>,
+}
+
+impl Span {
+    /// A member for the whole life of the conversation (a direct chat).
+    pub const ALWAYS: Span = Span {
+        from: 1,
+        until: None,
+    };
+}
+
+/// The next seqs to send a member whose fan-out has settled everything up to `done`:
+/// the first seq after `done` (and at most `upto`) that lies in one of its `spans`
+/// (ascending, disjoint), continued to the end of that span, `upto`, or `max` seqs.
+/// `None`: the member has everything it is entitled to up to `upto`.
+pub fn next_run(spans: &[Span], done: u64, upto: u64, max: u64) -> Option<(u64, u64)> {
+    spans.iter().find_map(|span| {
+        let start = span.from.max(done.saturating_add(1));
+        let end = span.until.unwrap_or(u64::MAX).min(upto);
+        (start <= end).then(|| (start, end.min(start.saturating_add(max.max(1) - 1))))
+    })
+}
+
+/// Opens and closes stays for a membership change announced by the message at `seq`:
+/// whoever is in `members` and has no open stay starts one at `seq` (so it sees its
+/// own arrival); whoever has an open stay and is not in `members` ends it at `seq` (so
+/// it sees its own departure, and nothing after it).
+pub fn change_spans<K: Copy + Eq + std::hash::Hash>(
+    spans: &mut std::collections::HashMap<K, Vec<Span>>,
+    members: &[K],
+    seq: u64,
+) {
+    let now: std::collections::HashSet<K> = members.iter().copied().collect();
+    for (user, stays) in spans.iter_mut() {
+        if let Some(open) = stays.last_mut().filter(|s| s.until.is_none()) {
+            if !now.contains(user) {
+                open.until = Some(seq);
+            }
+        }
+    }
+    for user in members {
+        let stays = spans.entry(*user).or_default();
+        if stays.last().is_none_or(|s| s.until.is_some()) {
+            stays.push(Span {
+                from: seq,
+                until: None,
+            });
+        }
+    }
+}
+
+/// The inbox side of [`next_run`]: like [`accept_in_order`], but a run may start past
+/// `head + 1`. The conversation only sends a run starting at `s` once every seq before
+/// `s` that the member is entitled to is in its inbox (it chooses `s` as the first
+/// entitled seq after what the inbox confirmed), so the seqs between are not the
+/// member's: they fell between two of its stays in a group.
+pub fn accept_run(head: u64, seqs: &[u64]) -> (usize, usize) {
+    let base = seqs.first().map_or(head, |first| head.max(first - 1));
+    accept_in_order(base, seqs)
 }
 
 /// Emits items in strict sequence order from a cursor, holding early arrivals.
@@ -153,6 +222,118 @@ mod tests {
             }
             prop_assert_eq!(out, (cursor + 1..=n).collect::<Vec<_>>());
             prop_assert_eq!(r.held(), 0);
+        }
+    }
+
+    #[test]
+    fn runs_follow_spans() {
+        let spans = [
+            Span {
+                from: 1,
+                until: Some(4),
+            },
+            Span {
+                from: 9,
+                until: None,
+            },
+        ];
+        assert_eq!(next_run(&spans, 0, 20, 100), Some((1, 4)));
+        assert_eq!(next_run(&spans, 2, 20, 100), Some((3, 4)));
+        assert_eq!(next_run(&spans, 4, 20, 100), Some((9, 20)));
+        assert_eq!(next_run(&spans, 4, 8, 100), None);
+        assert_eq!(next_run(&spans, 9, 20, 5), Some((10, 14)));
+        assert_eq!(next_run(&[Span::ALWAYS], 0, 0, 5), None);
+        assert_eq!(accept_run(4, &[9, 10]), (0, 2));
+        assert_eq!(accept_run(10, &[9, 10, 11]), (2, 1));
+        assert_eq!(accept_run(4, &[9, 11]), (0, 1));
+    }
+
+    #[test]
+    fn spans_open_and_close() {
+        let mut spans = std::collections::HashMap::new();
+        change_spans(&mut spans, &['a', 'b'], 1);
+        change_spans(&mut spans, &['a'], 5);
+        change_spans(&mut spans, &['a', 'b'], 8);
+        change_spans(&mut spans, &['a', 'b'], 9);
+        assert_eq!(
+            spans[&'a'],
+            vec![Span {
+                from: 1,
+                until: None
+            }]
+        );
+        assert_eq!(
+            spans[&'b'],
+            vec![
+                Span {
+                    from: 1,
+                    until: Some(5)
+                },
+                Span {
+                    from: 8,
+                    until: None
+                }
+            ]
+        );
+    }
+
+    proptest! {
+        /// Members join and leave a conversation while messages are posted; fan-out
+        /// follows `next_run` from wherever it restarts, with stale re-sends mixed in.
+        /// Every member's inbox ends with exactly the seqs of its stays, once, in order.
+        #[test]
+        fn members_get_exactly_their_stays(
+            ops in proptest::collection::vec((0u8..4, 0usize..3), 1..60),
+            restarts in proptest::collection::vec(any::<bool>(), 1..60),
+            max in 1u64..6,
+        ) {
+            use std::collections::HashMap;
+            let users = [0usize, 1, 2];
+            let mut spans: HashMap<usize, Vec<Span>> = HashMap::new();
+            let mut members: Vec<usize> = vec![0];
+            let mut seq = 1u64;
+            change_spans(&mut spans, &members, seq);
+            for (op, user) in &ops {
+                seq += 1;
+                if *op == 0 {
+                    // A membership change is itself a message.
+                    if let Some(i) = members.iter().position(|m| m == user) {
+                        members.remove(i);
+                    } else {
+                        members.push(*user);
+                    }
+                    change_spans(&mut spans, &members, seq);
+                }
+            }
+            let last = seq;
+            for u in users {
+                let stays = spans.get(&u).cloned().unwrap_or_default();
+                let entitled: Vec<u64> = (1..=last)
+                    .filter(|s| stays.iter().any(|p| p.from <= *s && p.until.is_none_or(|e| *s <= e)))
+                    .collect();
+                let (mut inbox, mut head, mut done) = (Vec::<u64>::new(), 0u64, 0u64);
+                let mut sent: Vec<(u64, u64)> = Vec::new();
+                let mut step = 0;
+                while let Some((a, b)) = next_run(&stays, done, last, max) {
+                    sent.push((a, b));
+                    // Now and then a stale batch arrives again, or the conversation
+                    // restarts and forgets how far it got.
+                    let fault = |i: usize| restarts.get(i).copied().unwrap_or(false);
+                    let batch = if fault(step) && sent.len() > 1 {
+                        sent[step % (sent.len() - 1)]
+                    } else {
+                        (a, b)
+                    };
+                    let seqs: Vec<u64> = (batch.0..=batch.1).collect();
+                    let (skip, take) = accept_run(head, &seqs);
+                    inbox.extend(&seqs[skip..skip + take]);
+                    head = inbox.last().copied().unwrap_or(0);
+                    done = if fault(step + 1) { 0 } else { head.max(done) };
+                    step += 1;
+                    prop_assert!(step < 10_000);
+                }
+                prop_assert_eq!(inbox, entitled);
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! - `inbox_seq` has no gaps; an entry is pushed to sessions only once it is durable,
 //!   so no device ever sees an inbox entry that a crash could take back.
 //! - a conversation's messages enter the inbox in seq order, each once (see
-//!   [`accept_in_order`]).
+//!   [`accept_run`]).
 //! - a session goes live exactly at the inbox head it was synced to; it then receives
 //!   every later entry, in order, once.
 
@@ -25,7 +25,7 @@ use super::error::ActorError;
 use super::messages::*;
 use super::registry::Registry;
 use super::route::Delivery;
-use super::sequence::accept_in_order;
+use super::sequence::accept_run;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
@@ -315,19 +315,54 @@ impl UserActor {
             .ok_or(ActorError::UnknownUser)
     }
 
-    /// Peers of direct conversations and contacts: whose presence this user may watch.
-    fn visible(&self, targets: Vec<UserId>) -> UserReply {
+    /// Whose presence this user may watch among `targets`: itself, its contacts, the
+    /// peers of its direct conversations, and the members of its groups (asked of each
+    /// group's conversation, which knows the current members).
+    fn visible(&self, targets: Vec<UserId>) -> Reply {
         let peers: BTreeSet<UserId> = self
             .conversations
             .values()
             .filter_map(|c| c.peer_id)
             .collect();
-        UserReply::Users(
-            targets
-                .into_iter()
-                .filter(|t| *t == self.id || peers.contains(t) || self.contacts.contains(t))
-                .collect(),
-        )
+        let (mut seen, rest): (Vec<UserId>, Vec<UserId>) = targets
+            .into_iter()
+            .partition(|t| *t == self.id || peers.contains(t) || self.contacts.contains(t));
+        let groups: Vec<ConversationId> = self
+            .conversations
+            .values()
+            .filter(|c| matches!(c.kind, ConversationKind::Group { .. }))
+            .map(|c| c.conversation_id)
+            .collect();
+        let route = self.registry.route();
+        let (Some(route), false, false) = (route, rest.is_empty(), groups.is_empty()) else {
+            return done(Ok(UserReply::Users(seen)));
+        };
+        let asks = groups.into_iter().map(|cid| {
+            route.conversation(
+                cid,
+                ConversationRequest::SharedMembers {
+                    user: self.id,
+                    targets: rest.clone(),
+                },
+            )
+        });
+        let all = futures_util::future::join_all(asks);
+        Box::pin(wrap_future::<_, Self>(all).map(move |answers, _, _| {
+            let mut shared = BTreeSet::new();
+            for answer in answers {
+                match answer {
+                    Ok(ConversationReply::Users(users)) => shared.extend(users),
+                    Ok(_) => {}
+                    // A group that cannot answer now hides its members; the caller
+                    // hears `not_member` for them and may subscribe again.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "group did not answer a visibility check")
+                    }
+                }
+            }
+            seen.extend(rest.into_iter().filter(|t| shared.contains(t)));
+            Ok(UserReply::Users(seen))
+        }))
     }
 
     fn add_contact(&mut self, contact: UserId) -> Reply {
@@ -454,7 +489,7 @@ impl UserActor {
                 kind,
                 head: 0,
             });
-        let (skip, take) = accept_in_order(conv.head, &seqs);
+        let (skip, take) = accept_run(conv.head, &seqs);
         if take == 0 {
             // Nothing new; answer the head once whatever made it is durable.
             return self.after_commit(0, move |act, _| Ok(act.appended(conversation_id)));
@@ -697,7 +732,7 @@ impl Handler<UserCall> for UserActor {
             UserRequest::AddContact { contact } => self.add_contact(contact),
             UserRequest::RemoveContact { contact } => self.remove_contact(contact),
             UserRequest::Contacts => done(Ok(self.contact_list())),
-            UserRequest::Visible { targets } => done(Ok(self.visible(targets))),
+            UserRequest::Visible { targets } => self.visible(targets),
             UserRequest::WatchPresence { session } => done(self.watch_presence(session)),
             UserRequest::PutKeys { bundle, prekeys } => self.put_keys(bundle, prekeys),
             UserRequest::ClaimKeys => self.claim_keys(),

@@ -20,7 +20,7 @@ use super::protocol::{MessageJson, UserJson};
 use super::ws;
 use super::AppState;
 use crate::actors::{auth, *};
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 
 /// Default and largest page of `GET .../messages`.
@@ -49,6 +49,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .put(add_contact)
                         .delete(remove_contact),
                 )
+                .service(resource("/groups").post(create_group))
+                .service(resource("/groups/{gid}").get(group))
+                .service(resource("/groups/{gid}/members").post(add_member))
+                .service(resource("/groups/{gid}/members/{user_id}").delete(remove_member))
                 .service(resource("/conversations").get(conversations))
                 .service(resource("/conversations/{cid}/messages").get(history))
                 .service(resource("/conversations/{cid}/receipts").get(receipts))
@@ -628,6 +632,99 @@ async fn conversations(state: web::Data<AppState>, me: Authed) -> Result<HttpRes
         out.push(item);
     }
     Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Deserialize)]
+struct CreateGroupBody {
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct AddMemberBody {
+    user_id: String,
+}
+
+/// The contract's group object.
+fn group_json(g: &GroupRecord) -> serde_json::Value {
+    json!({
+        "group_id": g.group_id,
+        "conversation_id": g.conversation_id,
+        "name": g.name,
+        "members": g.members.iter().map(|m| json!({
+            "user_id": m.user_id,
+            "role": match m.role { GroupRole::Admin => "admin", GroupRole::Member => "member" },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn group_call(
+    state: &AppState,
+    id: GroupId,
+    req: GroupRequest,
+) -> Result<serde_json::Value, ApiError> {
+    match state.router.group(id, req).await? {
+        GroupReply::Group(g) => Ok(group_json(&g)),
+    }
+}
+
+async fn create_group(
+    state: web::Data<AppState>,
+    me: Authed,
+    Json(body): Json<CreateGroupBody>,
+) -> Result<HttpResponse, ApiError> {
+    // Refused before any id is parsed or looked up: a list this long cannot fit.
+    let max = state.limits.max_group_members;
+    if body.members.len() > max {
+        return Err(ActorError::GroupFull(max).into());
+    }
+    let members = body
+        .members
+        .iter()
+        .map(|m| parse_id::<UserId>(m, "a member id"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = GroupRequest::Create {
+        creator: me.user,
+        name: body.name,
+        members,
+    };
+    let group = group_call(&state, GroupId::random(), req).await?;
+    Ok(HttpResponse::Created().json(group))
+}
+
+async fn group(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let gid: GroupId = parse_id(&path, "group id")?;
+    let group = group_call(&state, gid, GroupRequest::View { user: me.user }).await?;
+    Ok(HttpResponse::Ok().json(group))
+}
+
+async fn add_member(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<String>,
+    Json(body): Json<AddMemberBody>,
+) -> Result<HttpResponse, ApiError> {
+    let gid: GroupId = parse_id(&path, "group id")?;
+    let user: UserId = parse_id(&body.user_id, "user_id")?;
+    let req = GroupRequest::AddMember { by: me.user, user };
+    Ok(HttpResponse::Ok().json(group_call(&state, gid, req).await?))
+}
+
+async fn remove_member(
+    state: web::Data<AppState>,
+    me: Authed,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (gid, user) = path.into_inner();
+    let gid: GroupId = parse_id(&gid, "group id")?;
+    let user: UserId = parse_id(&user, "user_id")?;
+    let req = GroupRequest::RemoveMember { by: me.user, user };
+    Ok(HttpResponse::Ok().json(group_call(&state, gid, req).await?))
 }
 
 fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, ApiError> {

@@ -15,7 +15,7 @@ use super::push::Pusher;
 use super::ring::Ring;
 use super::sessions::SessionTable;
 use crate::actors::*;
-use crate::ids::{handle_ring_key, ConversationId, UserId};
+use crate::ids::{handle_ring_key, ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 
 /// Longest an entity call may take before the caller gets `Unavailable`.
@@ -131,6 +131,24 @@ impl Route for Router {
             move || registry.conversation(id),
             ConversationCall(req),
         )
+    }
+
+    fn group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply> {
+        if let Err(e) = self.owns(&id.ring_key()) {
+            return Box::pin(async move { Err(e) });
+        }
+        let registry = Arc::clone(&self.registry);
+        call_local("group", move || registry.group(id), GroupCall(req))
+    }
+
+    fn notify(&self, user: UserId, event: SessionEvent) {
+        if self.owns(&user.ring_key()).is_err() {
+            return;
+        }
+        if let Some(addr) = self.registry.running_user(user) {
+            // Full mailbox: this best-effort signal is dropped rather than queued.
+            let _ = addr.try_send(UserCall(UserRequest::Notify { event }));
+        }
     }
 
     fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>> {

@@ -19,9 +19,12 @@
 //!                     conv(16) 02 sender(16) cmid(16) -> seq (u64)
 //!                     conv(16) 03 user(16)            -> Watermarks
 //!                     conv(16) 04                     -> fanned-out seq (u64)
+//!                     conv(16) 05                     -> GroupMembership (groups only)
 //! fanout tree         conv(16)                        -> (empty): fan-out pending
 //! media tree          media(16) 00                    -> MediaRecord
 //!                     media(16) 01 conv(16)           -> (empty): referenced there
+//! groups tree         group(16) 00                    -> GroupRecord
+//!                     group(16) 01                    -> version applied by the conversation (u64)
 //! ```
 
 pub const USER_PROFILE: u8 = 0x00;
@@ -40,6 +43,10 @@ pub const CONV_MESSAGE: u8 = 0x01;
 pub const CONV_IDEMPOTENCY: u8 = 0x02;
 pub const CONV_WATERMARK: u8 = 0x03;
 pub const CONV_FANOUT: u8 = 0x04;
+pub const CONV_MEMBERSHIP: u8 = 0x05;
+
+pub const GROUP_RECORD: u8 = 0x00;
+pub const GROUP_APPLIED: u8 = 0x01;
 
 /// `entity | tag`: a record kind's prefix, or a singleton record's key.
 pub fn tagged(entity: &[u8; 16], tag: u8) -> Vec<u8> {

@@ -22,7 +22,8 @@ mod store;
 pub use error::StorageError;
 pub use media::MediaWriter;
 pub use records::{
-    ConversationKind, ConversationRecord, InboxEntry, KeyBundle, MediaRecord, MessageKind,
-    MessageRecord, TokenRecord, UserConversation, UserRecord, Watermarks,
+    ConversationKind, ConversationRecord, GroupEvent, GroupMember, GroupMembership, GroupRecord,
+    GroupRole, InboxEntry, KeyBundle, MediaRecord, MemberSpan, MessageKind, MessageRecord,
+    TokenRecord, UserConversation, UserRecord, Watermarks,
 };
 pub use store::Store;

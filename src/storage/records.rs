@@ -107,3 +107,73 @@ pub struct MediaRecord {
     pub uploader: UserId,
     pub created_at: i64,
 }
+
+/// A member's role in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupRole {
+    Admin,
+    Member,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub user_id: UserId,
+    pub role: GroupRole,
+}
+
+/// What one membership change did: the content of its `system` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupEvent {
+    Created {
+        name: String,
+    },
+    Added {
+        user: UserId,
+    },
+    Removed {
+        user: UserId,
+    },
+    /// A member left; if it was the last admin, `new_admin` was promoted.
+    Left {
+        user: UserId,
+        new_admin: Option<UserId>,
+    },
+}
+
+/// A group: its name, members and roles, and the last membership change.
+///
+/// `version` counts membership changes (1 = creation). Each change is written here
+/// first, then applied to the group's conversation, which records the version it has
+/// applied; a change the conversation has not confirmed is re-applied (idempotently) when
+/// the group actor next starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub group_id: GroupId,
+    pub conversation_id: ConversationId,
+    pub name: String,
+    /// In joining order; the creator first.
+    pub members: Vec<GroupMember>,
+    pub created_at: i64,
+    pub version: u64,
+    pub last_event: GroupEvent,
+    /// Who made the last change (the sender of its `system` message).
+    pub last_by: UserId,
+}
+
+/// The seqs of a group conversation one member is entitled to: `from..=until`
+/// (`until` is `None` while it is a member). A member that leaves and comes back has
+/// one span per stay; ended spans are dropped once fan-out has delivered them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberSpan {
+    pub user: UserId,
+    pub from: u64,
+    pub until: Option<u64>,
+}
+
+/// A group conversation's view of its membership: the group's version it has applied,
+/// and who may receive which seqs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMembership {
+    pub version: u64,
+    pub spans: Vec<MemberSpan>,
+}

@@ -15,7 +15,7 @@ use super::commit::Committer;
 use super::error::StorageError;
 use super::keys::{self, *};
 use super::records::*;
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 
 type Result<T> = std::result::Result<T, StorageError>;
 
@@ -34,6 +34,7 @@ struct Inner {
     conversations: Tree,
     fanout: Tree,
     media: Tree,
+    groups: Tree,
     media_dir: std::path::PathBuf,
     committer: Committer,
 }
@@ -58,6 +59,7 @@ impl Store {
                 conversations: db.open_tree("conversations")?,
                 fanout: db.open_tree("fanout")?,
                 media: db.open_tree("media")?,
+                groups: db.open_tree("groups")?,
                 media_dir,
                 committer,
             }),
@@ -476,6 +478,34 @@ impl Store {
         Ok(())
     }
 
+    /// A group conversation's membership (empty for direct conversations).
+    pub fn membership(&self, id: ConversationId) -> Result<GroupMembership> {
+        Ok(get(
+            &self.inner.conversations,
+            "conversations",
+            &tagged(id.as_bytes(), CONV_MEMBERSHIP),
+        )?
+        .unwrap_or_default())
+    }
+
+    /// Applies a membership change to a group conversation: its `system` message, the
+    /// new member list and the spans, in one atomic batch, so a crash never leaves a
+    /// membership without the message that announces it (or the reverse).
+    pub fn apply_membership(
+        &self,
+        record: &ConversationRecord,
+        membership: &GroupMembership,
+        message: &MessageRecord,
+    ) -> Result<()> {
+        let cid = record.conversation_id.as_bytes();
+        let mut batch = Batch::default();
+        batch.insert(tagged(cid, CONV_RECORD), encode(record)?);
+        batch.insert(tagged(cid, CONV_MEMBERSHIP), encode(membership)?);
+        batch.insert(with_seq(cid, CONV_MESSAGE, message.seq), encode(message)?);
+        self.inner.conversations.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// The seq up to which every member has the conversation in its inbox, if fan-out
     /// was pending when last recorded.
     pub fn fanout_mark(&self, id: ConversationId) -> Result<Option<u64>> {
@@ -519,6 +549,40 @@ impl Store {
                 Ok(ConversationId(uuid::Uuid::from_bytes(raw)))
             })
             .collect()
+    }
+}
+
+// ---- groups -------------------------------------------------------------------------
+
+impl Store {
+    pub fn group(&self, id: GroupId) -> Result<Option<GroupRecord>> {
+        get(
+            &self.inner.groups,
+            "groups",
+            &tagged(id.as_bytes(), GROUP_RECORD),
+        )
+    }
+
+    pub fn put_group(&self, rec: &GroupRecord) -> Result<()> {
+        let key = tagged(rec.group_id.as_bytes(), GROUP_RECORD);
+        self.inner.groups.insert(key, encode(rec)?)?;
+        Ok(())
+    }
+
+    /// The membership version the group's conversation has confirmed (0: none).
+    pub fn group_applied(&self, id: GroupId) -> Result<u64> {
+        Ok(get(
+            &self.inner.groups,
+            "groups",
+            &tagged(id.as_bytes(), GROUP_APPLIED),
+        )?
+        .unwrap_or(0))
+    }
+
+    pub fn set_group_applied(&self, id: GroupId, version: u64) -> Result<()> {
+        let key = tagged(id.as_bytes(), GROUP_APPLIED);
+        self.inner.groups.insert(key, encode(&version)?)?;
+        Ok(())
     }
 }
 
