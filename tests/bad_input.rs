@@ -171,6 +171,25 @@ async fn bad_frames_get_error_frames_and_store_nothing() {
 }
 
 #[tokio::test]
+async fn text_frame_that_is_not_utf8_closes_with_1007() {
+    let node = Node::start("").await;
+    let a = node.user("u8a").await;
+    let mut aw = node.ws(&a.token).await;
+    aw.sync(0).await;
+    // FIN + text, masked, 2 bytes (mask 0): 0xFF 0xFE is never UTF-8.
+    let frame = [0x81, 0x82, 0, 0, 0, 0, 0xFF, 0xFE];
+    aw.tcp().write_all(&frame).await.expect("write");
+    let (code, _) = aw.expect_close(Duration::from_secs(10)).await;
+    assert_eq!(
+        code,
+        Some(1007),
+        "close code (transport: {:?})",
+        aw.end_error
+    );
+    node.ws(&a.token).await.ping_pong().await;
+}
+
+#[tokio::test]
 async fn frame_over_max_frame_bytes_closes_with_1009() {
     let node = Node::start("max_message_bytes = 1024\nmax_frame_bytes = 4096").await;
     let a = node.user("fa").await;

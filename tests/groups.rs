@@ -277,11 +277,21 @@ async fn removed_member_gets_nothing_more_and_receipts_are_per_member() {
     // Everyone's inbox starts with the creation (live or replayed, by timing).
     for ws in [&mut aw, &mut bw, &mut cw] {
         let m = next_message(ws).await;
-        assert_eq!(system_event(&m)["event"], "group_created");
+        let ev = system_event(&m);
+        assert_eq!(
+            (ev["event"].as_str(), ev["name"].as_str()),
+            (Some("group_created"), Some("Trip"))
+        );
+        assert_eq!(
+            ev["members"],
+            json!([a.id, b.id, c.id]),
+            "the founders, creator first"
+        );
         assert_eq!(u64_field(&m, "seq"), 1);
     }
 
-    let ack = aw.send_to_conv(&cid, "hello all").await;
+    let hello = cw.send_to_conv_nowait(&cid, "hello all").await;
+    let ack = cw.ack_for(&hello).await;
     assert_eq!(u64_field(&ack, "seq"), 2);
     for ws in [&mut aw, &mut bw, &mut cw] {
         let m = next_message(ws).await;
@@ -363,7 +373,13 @@ async fn removed_member_gets_nothing_more_and_receipts_are_per_member() {
     cw.ping_pong().await;
     cw.expect_no_frame_for(QUIET_MS).await;
 
-    // c can no longer post, type, mark, or read the history or receipts.
+    // A retry of what c sent while a member still gets its original ack...
+    cw.send_json(
+        &json!({"type":"send","client_msg_id":hello,"conversation_id":cid,"body":"hello all"}),
+    )
+    .await;
+    assert_eq!(cw.ack_for(&hello).await, ack, "a retry after removal");
+    // ...but c can no longer post, type, mark, or read the history or receipts.
     let cmid = cw.send_to_conv_nowait(&cid, "let me back").await;
     assert_error_frame(
         &cw.reply_for(&cmid).await,
@@ -596,4 +612,72 @@ async fn membership_survives_kill9() {
         assert_eq!(seqs_of(&s.messages), want, "inbox of {}", u.handle);
         ws.expect_no_frame_for(QUIET_MS).await;
     }
+}
+
+/// Sends `n` messages to `cid` a few ms apart without waiting, then collects the acks.
+async fn chatter(node: &Node, token: String, cid: String, n: usize) {
+    let mut ws = node.ws(&token).await;
+    ws.sync(0).await;
+    let mut cmids = Vec::with_capacity(n);
+    for i in 0..n {
+        cmids.push(ws.send_to_conv_nowait(&cid, &format!("chatter {i}")).await);
+        tokio::time::sleep(std::time::Duration::from_millis(4)).await;
+    }
+    for cmid in cmids {
+        ws.ack_for(&cmid).await;
+    }
+}
+
+#[tokio::test]
+async fn membership_churn_under_traffic_keeps_every_stay_whole() {
+    let node = Node::start("sends_per_second = 1000").await;
+    let a = node.user("gza").await;
+    let b = node.user("gzb").await;
+    let d = node.user("gzd").await;
+    let (gid, cid) = new_group(&node, &a, "Churn", &[&b.id]).await;
+    // a and b talk without pause while a adds and removes d, again and again.
+    let talk = futures_util::future::join(
+        chatter(&node, a.token.clone(), cid.clone(), 150),
+        chatter(&node, b.token.clone(), cid.clone(), 150),
+    );
+    let churn = async {
+        for _ in 0..25 {
+            assert_eq!(add(&node, &a.token, &gid, &d.id).await.status, 200);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            assert_eq!(remove(&node, &a.token, &gid, &d.id).await.status, 200);
+        }
+    };
+    futures_util::future::join(talk, churn).await;
+
+    // d is owed exactly its stays: from each `member_added` for it through the next
+    // `member_removed`, whatever was said in between.
+    let h = node.full_history(&a.token, &cid).await;
+    assert_eq!(
+        h.len(),
+        1 + 300 + 50,
+        "every send and change is stored once"
+    );
+    let mut owed = Vec::new();
+    let mut inside = false;
+    for m in &h {
+        if m["kind"] == "system" {
+            let ev = system_event(m);
+            if ev["user_id"] == d.id.as_str() {
+                inside = ev["event"] == "member_added";
+                owed.push(u64_field(m, "seq"));
+                continue;
+            }
+        }
+        if inside {
+            owed.push(u64_field(m, "seq"));
+        }
+    }
+    let mut dw = node.ws(&d.token).await;
+    let s = dw.sync_n(0, owed.len()).await;
+    assert_eq!(
+        seqs_of(&s.messages),
+        owed,
+        "d's inbox holds its stays, whole"
+    );
+    dw.expect_no_frame_for(QUIET_MS).await;
 }

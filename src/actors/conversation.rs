@@ -230,14 +230,17 @@ impl ConversationActor {
                 _ => return done(Err(ActorError::UnknownConversation)),
             }
         }
-        if let Err(e) = self.is_member(sender) {
-            return done(Err(e));
-        }
+        // A retry of a stored send gets its ack even if the sender has since left the
+        // group: the message was sent while it was a member. (Only the sender's own
+        // ids are looked up, so this tells a stranger nothing.)
         let store = self.registry.store();
         match store.idempotent_seq(self.id, sender, &client_msg_id) {
             Ok(Some(seq)) => return self.ack_existing(seq),
             Ok(None) => {}
             Err(e) => return done(Err(e.into())),
+        }
+        if let Err(e) = self.is_member(sender) {
+            return done(Err(e));
         }
         if media.len() > MAX_MEDIA_PER_MESSAGE {
             return done(Err(ActorError::BadRequest(format!(
@@ -399,13 +402,15 @@ impl ConversationActor {
         };
         let Some((from, upto)) = self.run_for(user, m.done) else {
             self.behind.remove(&user);
-            // A former member with everything up to its removal is done with.
-            let former = self
+            // A former member that has everything up to its removal is done with. (Not
+            // merely "nothing due now": its removal may not be durable yet.)
+            let delivered = self
                 .spans
                 .get(&user)
                 .and_then(|s| s.last())
-                .is_some_and(|s| s.until.is_some());
-            if former {
+                .and_then(|s| s.until)
+                .is_some_and(|until| m.done >= until);
+            if delivered {
                 self.members.remove(&user);
             }
             return;
@@ -440,9 +445,17 @@ impl ConversationActor {
                 messages,
             },
         );
-        ctx.spawn(wrap_future::<_, Self>(call).map(move |res, act, ctx| {
-            act.appended(user, res, ctx);
-        }));
+        // Each append runs as its own task and reports back through the mailbox. Not
+        // `ctx.spawn`: an actix context polls every future it holds each time any of
+        // them wakes, which with a thousand appends in flight is a million polls per
+        // message.
+        let me = ctx.address();
+        actix::spawn(async move {
+            me.do_send(Appended {
+                user,
+                result: call.await,
+            });
+        });
     }
 
     fn appended(
@@ -780,6 +793,22 @@ impl Actor for ConversationActor {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics().actors.with_label_values(&["conversation"]).dec();
+    }
+}
+
+/// The outcome of one member's inbox append, reported by its task.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Appended {
+    user: UserId,
+    result: Result<UserReply, ActorError>,
+}
+
+impl Handler<Appended> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, Appended { user, result }: Appended, ctx: &mut Context<Self>) {
+        self.appended(user, result, ctx);
     }
 }
 

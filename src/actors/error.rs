@@ -25,6 +25,9 @@ pub enum ActorError {
     /// Wrong handle or password; deliberately the same for both.
     #[error("wrong handle or password")]
     InvalidCredentials,
+    /// The caller neither uploaded the media nor is in a conversation holding it.
+    #[error("that media is neither yours nor in a conversation of yours")]
+    MediaForbidden,
     /// No media with that id.
     #[error("unknown media")]
     UnknownMedia,
@@ -76,7 +79,7 @@ impl ActorError {
         match self {
             ActorError::UnknownUser => "unknown_user",
             ActorError::UnknownConversation => "unknown_conversation",
-            ActorError::NotMember => "not_member",
+            ActorError::NotMember | ActorError::MediaForbidden => "not_member",
             ActorError::Unauthorized => "unauthorized",
             ActorError::InvalidCredentials => "invalid_credentials",
             ActorError::HandleTaken => "handle_taken",
@@ -106,7 +109,7 @@ impl ActorError {
             | ActorError::UnknownGroup
             | ActorError::UnknownMembers(_)
             | ActorError::NotGroupMember => 404,
-            ActorError::NotMember | ActorError::NotAdmin => 403,
+            ActorError::NotMember | ActorError::NotAdmin | ActorError::MediaForbidden => 403,
             ActorError::AlreadyMember => 409,
             ActorError::GroupFull(_) => 422,
             ActorError::InvalidName(_) => 400,

@@ -228,22 +228,30 @@ impl GroupActor {
             return Box::pin(ready(Err(ActorError::GroupFull(max))));
         }
         let id = self.id;
+        let everyone: Vec<UserId> = std::iter::once(creator)
+            .chain(others.iter().copied())
+            .collect();
         let record = GroupRecord {
             group_id: id,
             conversation_id: id.conversation(),
             name: name.clone(),
-            members: std::iter::once(GroupMember {
-                user_id: creator,
-                role: GroupRole::Admin,
-            })
-            .chain(others.iter().map(|u| GroupMember {
-                user_id: *u,
-                role: GroupRole::Member,
-            }))
-            .collect(),
+            members: everyone
+                .iter()
+                .map(|u| GroupMember {
+                    user_id: *u,
+                    role: if *u == creator {
+                        GroupRole::Admin
+                    } else {
+                        GroupRole::Member
+                    },
+                })
+                .collect(),
             created_at: crate::now_ms(),
             version: 1,
-            last_event: GroupEvent::Created { name },
+            last_event: GroupEvent::Created {
+                name,
+                members: everyone,
+            },
             last_by: creator,
         };
         self.with_existing(others, move |act| act.change(record))
@@ -336,7 +344,9 @@ fn check_name(name: &str) -> Result<(), ActorError> {
 /// `docs/PROTOCOL.md`, "System messages").
 pub fn system_body(event: &GroupEvent) -> String {
     match event {
-        GroupEvent::Created { name } => json!({"event": "group_created", "name": name}),
+        GroupEvent::Created { name, members } => {
+            json!({"event": "group_created", "name": name, "members": members})
+        }
         GroupEvent::Added { user } => json!({"event": "member_added", "user_id": user}),
         GroupEvent::Removed { user } => json!({"event": "member_removed", "user_id": user}),
         GroupEvent::Left { user, new_admin } => {

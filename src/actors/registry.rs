@@ -189,7 +189,7 @@ impl Registry {
                 return Ok((rec, path));
             }
         }
-        Err(ActorError::NotMember)
+        Err(ActorError::MediaForbidden)
     }
 
     /// Whether `user` may attach the media to a message: it exists, and `user`
@@ -211,7 +211,7 @@ impl Registry {
                 }
             }
         }
-        Err(ActorError::NotMember)
+        Err(ActorError::MediaForbidden)
     }
 
     /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.

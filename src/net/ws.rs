@@ -889,6 +889,12 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for WsSession {
                 "frame over max_frame_bytes",
                 "frame_too_large",
             ),
+            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error
+            // carrying the `Utf8Error`'s text (its `ws.rs`, `Frame::Text`); the other I/O
+            // errors are transport failures, after which no close code reaches anyone.
+            Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                self.close(ctx, CloseCode::Invalid, "text is not UTF-8", "protocol")
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket protocol error");
                 self.close(ctx, CloseCode::Protocol, "protocol error", "protocol");

@@ -124,8 +124,10 @@ pub struct GroupMember {
 /// What one membership change did: the content of its `system` message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupEvent {
+    /// The group was made with these members (the creator first).
     Created {
         name: String,
+        members: Vec<UserId>,
     },
     Added {
         user: UserId,
