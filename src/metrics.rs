@@ -42,6 +42,10 @@ pub struct Metrics {
     pub push_failed: IntCounter,
     /// Time from a message being stored to it being appended to a member's inbox.
     pub fanout_seconds: HistogramVec,
+    /// 1 while the link to a peer node is up, by peer.
+    pub peer_up: IntGaugeVec,
+    /// Calls to peers that failed (link down, queue full, no answer in time).
+    pub peer_calls_failed: IntCounter,
 }
 
 impl Metrics {
@@ -122,7 +126,19 @@ impl Metrics {
             "Push notifications given up after retries",
         )
         .expect("static metric");
+        let peer_up = IntGaugeVec::new(
+            Opts::new("peer_up", "1 while the link to the peer is up"),
+            &["peer"],
+        )
+        .expect("static metric");
+        let peer_calls_failed = IntCounter::new(
+            "peer_calls_failed_total",
+            "Calls to peer nodes that failed or timed out",
+        )
+        .expect("static metric");
         let m = Metrics {
+            peer_up,
+            peer_calls_failed,
             push_sent,
             push_dropped,
             push_failed,
@@ -156,6 +172,8 @@ impl Metrics {
             Box::new(m.push_sent.clone()),
             Box::new(m.push_dropped.clone()),
             Box::new(m.push_failed.clone()),
+            Box::new(m.peer_up.clone()),
+            Box::new(m.peer_calls_failed.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

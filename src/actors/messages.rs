@@ -118,6 +118,10 @@ pub enum UserRequest {
     Detach {
         session: SessionRef,
     },
+    /// The node `node` is unreachable: forget its sessions (and its watchers).
+    DetachNode {
+        node: String,
+    },
     /// The next page of the inbox after `after`; when it reaches the head, the session
     /// goes live and receives every later entry as it is appended.
     SyncPage {

@@ -115,6 +115,12 @@ impl Registry {
         map.get(&id).filter(|a| a.connected()).cloned()
     }
 
+    /// Every running user actor on this node.
+    pub fn running_users(&self) -> Vec<Addr<UserActor>> {
+        let map = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|a| a.connected()).cloned().collect()
+    }
+
     /// Makes a starting actor wait (mailbox held) for a flush, so that what it loaded
     /// is durable before it serves anything: sled may hold writes in memory that a
     /// failed or killed predecessor never flushed. If the flush fails, `failed`

@@ -45,8 +45,10 @@ pub trait Route: Send + Sync + 'static {
     fn claim_handle(&self, handle: String, user: UserId) -> Call<Option<UserId>>;
     fn release_handle(&self, handle: String, user: UserId) -> Call<()>;
     fn resolve_handle(&self, handle: String) -> Call<Option<UserId>>;
-    /// Pushes an event to a session, without waiting.
-    fn deliver(&self, session: &SessionRef, event: SessionEvent) -> Delivery;
+    /// Pushes an event to a session, without waiting. `from` is the user whose actor
+    /// delivers it: if the session turns out to be gone on another node, that actor is
+    /// told (`Detach`) later.
+    fn deliver(&self, from: UserId, session: &SessionRef, event: SessionEvent) -> Delivery;
     /// Queues a push notification for an offline user, without waiting; a no-op when
     /// no webhook is configured.
     fn push(&self, notice: OfflineNotice);

@@ -238,6 +238,7 @@ impl UserActor {
         if let Some(route) = route {
             for s in &closed {
                 route.deliver(
+                    self.id,
                     s,
                     SessionEvent::Close {
                         code: 1008,
@@ -269,9 +270,22 @@ impl UserActor {
         Ok(UserReply::Done)
     }
 
+    /// Forgets a session: one of the user's own, or one watching its presence.
     fn detach(&mut self, session: &SessionRef) {
+        self.watchers.retain(|w| w != session);
         let before = self.sessions.len();
         self.sessions.retain(|s| &s.session != session);
+        if before > 0 && self.sessions.is_empty() {
+            self.went_offline();
+        }
+    }
+
+    /// Forgets every session on `node`, which this node can no longer reach: their
+    /// clients were disconnected there and will reconnect and sync.
+    fn detach_node(&mut self, node: &str) {
+        self.watchers.retain(|w| w.node != node);
+        let before = self.sessions.len();
+        self.sessions.retain(|s| s.session.node != node);
         if before > 0 && self.sessions.is_empty() {
             self.went_offline();
         }
@@ -299,8 +313,9 @@ impl UserActor {
             online: p.online,
             last_seen: p.last_seen,
         };
+        let id = self.id;
         self.watchers
-            .retain(|w| route.deliver(w, event.clone()) != Delivery::Gone);
+            .retain(|w| route.deliver(id, w, event.clone()) != Delivery::Gone);
     }
 
     fn watch_presence(&mut self, session: SessionRef) -> Result<UserReply, ActorError> {
@@ -594,11 +609,12 @@ impl UserActor {
                     inbox_seq,
                     message: Arc::clone(&message),
                 };
-                match route.deliver(&s.session, event) {
+                match route.deliver(self.id, &s.session, event) {
                     Delivery::Delivered => {}
                     Delivery::Gone => gone.push(s.session.clone()),
                     Delivery::Full => {
                         route.deliver(
+                            self.id,
                             &s.session,
                             SessionEvent::Close {
                                 code: 1013,
@@ -622,7 +638,9 @@ impl UserActor {
         let gone: Vec<SessionRef> = self
             .sessions
             .iter()
-            .filter(|s| s.live && route.deliver(&s.session, event.clone()) == Delivery::Gone)
+            .filter(|s| {
+                s.live && route.deliver(self.id, &s.session, event.clone()) == Delivery::Gone
+            })
             .map(|s| s.session.clone())
             .collect();
         for s in gone {
@@ -709,6 +727,10 @@ impl Handler<UserCall> for UserActor {
             UserRequest::Attach { session, token } => done(self.attach(session, token)),
             UserRequest::Detach { session } => {
                 self.detach(&session);
+                done(Ok(UserReply::Done))
+            }
+            UserRequest::DetachNode { node } => {
+                self.detach_node(&node);
                 done(Ok(UserReply::Done))
             }
             UserRequest::SyncPage {

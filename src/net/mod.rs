@@ -8,14 +8,17 @@
 //! - `api.rs`: the contract's error body and status mapping.
 //! - `ring.rs`: the consistent-hash ring that names each entity's home node.
 //! - `router.rs`: implements [`crate::actors::Route`]: ring lookup, then the local
-//!   registry (or, for entities homed elsewhere, an error until peer links exist).
+//!   registry or the owner's peer link; serves the peers' calls.
 //! - `sessions.rs`: this node's table of live WebSocket sessions.
 //! - `push.rs`: the bounded queue and sender of push notifications to the `[push]` webhook.
+//! - `peer.rs`: the links to the other nodes: framed bincode over TCP, handshake,
+//!   correlated calls with timeouts, casts, reconnect with backoff.
 //!
 //! `net` imports `actors` (and `storage` only to open it at start-up).
 
 mod api;
 mod http;
+pub mod peer;
 mod protocol;
 mod push;
 pub mod ring;
@@ -67,9 +70,37 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         config.cluster.vnodes,
     );
     let pusher = config.push.clone().map(push::Pusher::start);
-    let router = Router::new(node.id.clone(), ring, Arc::clone(&registry), pusher);
+    let hello = peer::Hello {
+        node: node.id.clone(),
+        protocol: peer::PEER_PROTOCOL,
+        ring: ring.signature(),
+    };
+    let (peers, links) = peer::PeerLinks::new(
+        hello,
+        config
+            .nodes
+            .iter()
+            .filter(|n| n.id != node.id)
+            .map(|n| (n.id.clone(), n.peer_addr)),
+    );
+    let router = Router::new(
+        node.id.clone(),
+        ring,
+        Arc::clone(&registry),
+        pusher,
+        Arc::clone(&peers),
+    );
     let weak: Weak<dyn Route> = Arc::downgrade(&(Arc::clone(&router) as Arc<dyn Route>));
     registry.set_route(weak);
+    let handler: Weak<dyn peer::PeerHandler> =
+        Arc::downgrade(&(Arc::clone(&router) as Arc<dyn peer::PeerHandler>));
+    peers
+        .start(handler, node.peer_addr, links)
+        .await
+        .map_err(|source| NetError::Bind {
+            addr: node.peer_addr,
+            source,
+        })?;
 
     // Conversations whose fan-out was cut short by the last stop pick it up again.
     let pending = registry

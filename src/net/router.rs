@@ -4,13 +4,21 @@
 //! by [`CALL_TIMEOUT`] and answers [`ActorError::Unavailable`] rather than hang. An
 //! actor that stopped between lookup and delivery (passivation, crash) is looked up
 //! again and the call retried: requests are idempotent, so a retry is always safe.
-//! Entities homed on another node answer `Unavailable` until peer links exist.
+//! Entities homed on another node are called over its peer link ([`PeerLinks`]), the
+//! same request as plain data; the message path does not change shape.
+//!
+//! The router is also this node's [`PeerHandler`]: it serves the calls peers send for
+//! entities homed here (and only those: a call for an entity this ring does not give
+//! us is refused, never forwarded), applies their casts, and cleans up when a link
+//! drops: sessions on the lost node are forgotten by the users here, and sessions here
+//! of users homed there are closed, so their clients reconnect and sync.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, MailboxError};
 
+use super::peer::{PeerCall, PeerCast, PeerHandler, PeerLinks, PeerReply};
 use super::push::Pusher;
 use super::ring::Ring;
 use super::sessions::SessionTable;
@@ -29,6 +37,13 @@ pub struct Router {
     registry: Arc<Registry>,
     sessions: SessionTable,
     pusher: Option<Pusher>,
+    peers: Arc<PeerLinks>,
+}
+
+/// Where an entity lives.
+enum Home<'a> {
+    Here,
+    Peer(&'a str),
 }
 
 impl Router {
@@ -37,6 +52,7 @@ impl Router {
         ring: Ring,
         registry: Arc<Registry>,
         pusher: Option<Pusher>,
+        peers: Arc<PeerLinks>,
     ) -> Arc<Self> {
         Arc::new(Router {
             node_id,
@@ -44,6 +60,7 @@ impl Router {
             registry,
             sessions: SessionTable::default(),
             pusher,
+            peers,
         })
     }
 
@@ -55,12 +72,73 @@ impl Router {
         &self.registry
     }
 
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    fn home(&self, key: &str) -> Result<Home<'_>, ActorError> {
+        match self.ring.owner(key.as_bytes()) {
+            Some(owner) if owner == self.node_id => Ok(Home::Here),
+            Some(owner) => Ok(Home::Peer(owner)),
+            None => Err(ActorError::Unavailable),
+        }
+    }
+
     /// Whether this node owns the entity with ring key `key`.
     fn owns(&self, key: &str) -> Result<(), ActorError> {
-        match self.ring.owner(key.as_bytes()) {
-            Some(owner) if owner == self.node_id => Ok(()),
-            _ => Err(ActorError::Unavailable),
+        match self.home(key)? {
+            Home::Here => Ok(()),
+            Home::Peer(_) => Err(ActorError::Unavailable),
         }
+    }
+
+    /// A call to a peer, with its reply narrowed to the variant `pick` expects.
+    fn remote<T: Send + 'static>(
+        &self,
+        node: &str,
+        call: PeerCall,
+        pick: fn(PeerReply) -> Option<T>,
+    ) -> Call<T> {
+        let reply = self.peers.call(node, call);
+        Box::pin(async move {
+            pick(reply.await?)
+                .ok_or_else(|| ActorError::Internal("peer answered the wrong kind".into()))
+        })
+    }
+
+    fn local_user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {
+        let registry = Arc::clone(&self.registry);
+        call_local("user", move || registry.user(id), UserCall(req))
+    }
+
+    fn local_conversation(
+        &self,
+        id: ConversationId,
+        req: ConversationRequest,
+    ) -> Call<ConversationReply> {
+        let registry = Arc::clone(&self.registry);
+        call_local(
+            "conversation",
+            move || registry.conversation(id),
+            ConversationCall(req),
+        )
+    }
+
+    fn local_group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply> {
+        let registry = Arc::clone(&self.registry);
+        call_local("group", move || registry.group(id), GroupCall(req))
+    }
+
+    /// Tells `from`'s home that `session` (on this node) is gone.
+    fn session_gone(&self, from: UserId, session: u64) {
+        let session = SessionRef {
+            node: self.node_id.clone(),
+            id: session,
+        };
+        let detach = self.user(from, UserRequest::Detach { session });
+        actix::spawn(async move {
+            let _ = detach.await;
+        });
     }
 }
 
@@ -110,11 +188,14 @@ impl Route for Router {
     }
 
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {
-        if let Err(e) = self.owns(&id.ring_key()) {
-            return Box::pin(async move { Err(e) });
+        match self.home(&id.ring_key()) {
+            Ok(Home::Here) => self.local_user(id, req),
+            Ok(Home::Peer(node)) => self.remote(node, PeerCall::User(id, req), |r| match r {
+                PeerReply::User(u) => Some(u),
+                _ => None,
+            }),
+            Err(e) => Box::pin(async move { Err(e) }),
         }
-        let registry = Arc::clone(&self.registry);
-        call_local("user", move || registry.user(id), UserCall(req))
     }
 
     fn conversation(
@@ -122,69 +203,106 @@ impl Route for Router {
         id: ConversationId,
         req: ConversationRequest,
     ) -> Call<ConversationReply> {
-        if let Err(e) = self.owns(&id.ring_key()) {
-            return Box::pin(async move { Err(e) });
+        match self.home(&id.ring_key()) {
+            Ok(Home::Here) => self.local_conversation(id, req),
+            Ok(Home::Peer(node)) => {
+                self.remote(node, PeerCall::Conversation(id, req), |r| match r {
+                    PeerReply::Conversation(c) => Some(c),
+                    _ => None,
+                })
+            }
+            Err(e) => Box::pin(async move { Err(e) }),
         }
-        let registry = Arc::clone(&self.registry);
-        call_local(
-            "conversation",
-            move || registry.conversation(id),
-            ConversationCall(req),
-        )
     }
 
     fn group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply> {
-        if let Err(e) = self.owns(&id.ring_key()) {
-            return Box::pin(async move { Err(e) });
+        match self.home(&id.ring_key()) {
+            Ok(Home::Here) => self.local_group(id, req),
+            Ok(Home::Peer(node)) => self.remote(node, PeerCall::Group(id, req), |r| match r {
+                PeerReply::Group(g) => Some(g),
+                _ => None,
+            }),
+            Err(e) => Box::pin(async move { Err(e) }),
         }
-        let registry = Arc::clone(&self.registry);
-        call_local("group", move || registry.group(id), GroupCall(req))
     }
 
     fn notify(&self, user: UserId, event: SessionEvent) {
-        if self.owns(&user.ring_key()).is_err() {
-            return;
-        }
-        if let Some(addr) = self.registry.running_user(user) {
-            // Full mailbox: this best-effort signal is dropped rather than queued.
-            let _ = addr.try_send(UserCall(UserRequest::Notify { event }));
+        match self.home(&user.ring_key()) {
+            Ok(Home::Here) => {
+                if let Some(addr) = self.registry.running_user(user) {
+                    // Full mailbox: this best-effort signal is dropped rather than queued.
+                    let _ = addr.try_send(UserCall(UserRequest::Notify { event }));
+                }
+            }
+            Ok(Home::Peer(node)) => {
+                self.peers.cast(node, PeerCast::Notify { user, event });
+            }
+            Err(_) => {}
         }
     }
 
     fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>> {
-        let owned = self.owns(&id.ring_key());
-        let registry = Arc::clone(&self.registry);
-        Box::pin(async move {
-            owned?;
-            read_messages(&registry, id, &seqs)
-        })
+        match self.home(&id.ring_key()) {
+            Ok(Home::Here) => {
+                let registry = Arc::clone(&self.registry);
+                Box::pin(async move { read_messages(&registry, id, &seqs) })
+            }
+            Ok(Home::Peer(node)) => {
+                self.remote(node, PeerCall::ReadMessages(id, seqs), |r| match r {
+                    PeerReply::Messages(m) => Some(m),
+                    _ => None,
+                })
+            }
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 
     fn claim_handle(&self, handle: String, user: UserId) -> Call<Option<UserId>> {
-        let owned = self.owns(&handle_ring_key(&handle));
-        let registry = Arc::clone(&self.registry);
-        Box::pin(async move {
-            owned?;
-            registry.claim_handle(&handle, user).await
-        })
+        match self.home(&handle_ring_key(&handle)) {
+            Ok(Home::Here) => {
+                let registry = Arc::clone(&self.registry);
+                Box::pin(async move { registry.claim_handle(&handle, user).await })
+            }
+            Ok(Home::Peer(node)) => {
+                self.remote(node, PeerCall::ClaimHandle(handle, user), |r| match r {
+                    PeerReply::Handle(h) => Some(h),
+                    _ => None,
+                })
+            }
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 
     fn release_handle(&self, handle: String, user: UserId) -> Call<()> {
-        let owned = self.owns(&handle_ring_key(&handle));
-        let registry = Arc::clone(&self.registry);
-        Box::pin(async move {
-            owned?;
-            registry.release_handle(&handle, user)
-        })
+        match self.home(&handle_ring_key(&handle)) {
+            Ok(Home::Here) => {
+                let registry = Arc::clone(&self.registry);
+                Box::pin(async move { registry.release_handle(&handle, user) })
+            }
+            Ok(Home::Peer(node)) => {
+                self.remote(node, PeerCall::ReleaseHandle(handle, user), |r| match r {
+                    PeerReply::Done => Some(()),
+                    _ => None,
+                })
+            }
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 
     fn resolve_handle(&self, handle: String) -> Call<Option<UserId>> {
-        let owned = self.owns(&handle_ring_key(&handle));
-        let registry = Arc::clone(&self.registry);
-        Box::pin(async move {
-            owned?;
-            registry.resolve_handle(&handle)
-        })
+        match self.home(&handle_ring_key(&handle)) {
+            Ok(Home::Here) => {
+                let registry = Arc::clone(&self.registry);
+                Box::pin(async move { registry.resolve_handle(&handle) })
+            }
+            Ok(Home::Peer(node)) => {
+                self.remote(node, PeerCall::ResolveHandle(handle), |r| match r {
+                    PeerReply::Handle(h) => Some(h),
+                    _ => None,
+                })
+            }
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 
     fn push(&self, notice: OfflineNotice) {
@@ -193,10 +311,124 @@ impl Route for Router {
         }
     }
 
-    fn deliver(&self, session: &SessionRef, event: SessionEvent) -> Delivery {
-        if session.node != self.node_id {
-            return Delivery::Gone;
+    fn deliver(&self, from: UserId, session: &SessionRef, event: SessionEvent) -> Delivery {
+        if session.node == self.node_id {
+            return self.sessions.deliver(session.id, event);
         }
-        self.sessions.deliver(session.id, event)
+        let cast = PeerCast::Deliver {
+            user: from,
+            session: session.id,
+            event,
+        };
+        if self.peers.cast(&session.node, cast) {
+            Delivery::Delivered
+        } else {
+            // Link down (its sessions are being closed) or hopelessly backed up.
+            Delivery::Gone
+        }
+    }
+}
+
+impl PeerHandler for Router {
+    fn call(&self, call: PeerCall) -> Call<PeerReply> {
+        fn here<T: Send + 'static>(
+            owned: Result<(), ActorError>,
+            call: impl FnOnce() -> Call<T>,
+            wrap: fn(T) -> PeerReply,
+        ) -> Call<PeerReply> {
+            match owned {
+                Ok(()) => {
+                    let answer = call();
+                    Box::pin(async move { answer.await.map(wrap) })
+                }
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
+        }
+        match call {
+            PeerCall::User(id, req) => here(
+                self.owns(&id.ring_key()),
+                || self.local_user(id, req),
+                PeerReply::User,
+            ),
+            PeerCall::Conversation(id, req) => here(
+                self.owns(&id.ring_key()),
+                || self.local_conversation(id, req),
+                PeerReply::Conversation,
+            ),
+            PeerCall::Group(id, req) => here(
+                self.owns(&id.ring_key()),
+                || self.local_group(id, req),
+                PeerReply::Group,
+            ),
+            PeerCall::ReadMessages(id, seqs) => here(
+                self.owns(&id.ring_key()),
+                || self.read_messages(id, seqs),
+                PeerReply::Messages,
+            ),
+            PeerCall::ClaimHandle(h, user) => here(
+                self.owns(&handle_ring_key(&h)),
+                || self.claim_handle(h, user),
+                PeerReply::Handle,
+            ),
+            PeerCall::ReleaseHandle(h, user) => here(
+                self.owns(&handle_ring_key(&h)),
+                || self.release_handle(h, user),
+                |()| PeerReply::Done,
+            ),
+            PeerCall::ResolveHandle(h) => here(
+                self.owns(&handle_ring_key(&h)),
+                || self.resolve_handle(h),
+                PeerReply::Handle,
+            ),
+        }
+    }
+
+    fn cast(&self, _from: &str, cast: PeerCast) {
+        match cast {
+            PeerCast::Deliver {
+                user,
+                session,
+                event,
+            } => match self.sessions.deliver(session, event) {
+                Delivery::Delivered => {}
+                Delivery::Full => {
+                    self.sessions.deliver(
+                        session,
+                        SessionEvent::Close {
+                            code: 1013,
+                            reason: "client too slow: reconnect and sync".into(),
+                        },
+                    );
+                    self.session_gone(user, session);
+                }
+                Delivery::Gone => self.session_gone(user, session),
+            },
+            PeerCast::Notify { user, event } => self.notify(user, event),
+        }
+    }
+
+    fn link_changed(&self, node: &str, up: bool) {
+        if up {
+            return;
+        }
+        // Users homed here forget the sessions on the lost node...
+        for user in self.registry.running_users() {
+            let _ = user.try_send(UserCall(UserRequest::DetachNode {
+                node: node.to_string(),
+            }));
+        }
+        // ...and clients here of users homed there reconnect (to any node) and sync,
+        // rather than sit on a session that no longer receives anything.
+        for (session, user) in self.sessions.all() {
+            if matches!(self.home(&user.ring_key()), Ok(Home::Peer(n)) if n == node) {
+                self.sessions.deliver(
+                    session,
+                    SessionEvent::Close {
+                        code: 1013,
+                        reason: "a node of the cluster is unreachable: reconnect and sync".into(),
+                    },
+                );
+            }
+        }
     }
 }

@@ -90,6 +90,11 @@ impl SessionTable {
         self.lock().contains_key(&id)
     }
 
+    /// Every session with its user.
+    pub fn all(&self) -> Vec<(u64, UserId)> {
+        self.lock().iter().map(|(id, s)| (*id, s.user)).collect()
+    }
+
     /// Removes the sessions whose heartbeat has not run since `stale_before` (ms) and
     /// returns them with their users, to be detached.
     pub fn sweep(&self, node: &str, stale_before: u64) -> Vec<(SessionRef, UserId)> {

@@ -83,7 +83,10 @@ fn free_port() -> (std::net::TcpListener, u16) {
 
 /// One `switchboard serve` process on a temp dir, killed (SIGKILL) on drop.
 pub struct Node {
-    dir: tempfile::TempDir,
+    /// Shared by every node of a cluster (one cluster.toml, one data dir each).
+    dir: std::sync::Arc<tempfile::TempDir>,
+    /// The node's id in cluster.toml.
+    pub id: String,
     pub port: u16,
     pub peer_port: u16,
     config_path: PathBuf,
@@ -125,7 +128,8 @@ impl Node {
             .build()
             .expect("build reqwest client");
         let mut node = Node {
-            dir,
+            dir: std::sync::Arc::new(dir),
+            id: "n1".into(),
             port: 0,
             peer_port: 0,
             config_path,
@@ -156,6 +160,91 @@ impl Node {
         unreachable!()
     }
 
+    /// Starts `n` nodes (`n1`..`nN`) of one cluster on loopback, each with its own data
+    /// dir under one temp dir and the same cluster.toml, and waits until each serves
+    /// and has its peer links up.
+    pub async fn start_cluster(n: usize, limits_toml: &str) -> Vec<Node> {
+        let dir = std::sync::Arc::new(
+            tempfile::Builder::new()
+                .prefix("switchboard-cluster-")
+                .tempdir()
+                .expect("create tempdir"),
+        );
+        let config_path = dir.path().join("cluster.toml");
+        let listeners: Vec<_> = (0..2 * n).map(|_| free_port()).collect();
+        let ports: Vec<u16> = listeners.iter().map(|(_, p)| *p).collect();
+        drop(listeners);
+        let mut cfg = format!(
+            "[cluster]\nvnodes = 64\nadmin_token = \"test-admin-token\"\n\n[limits]\n{limits_toml}\n\n"
+        );
+        for i in 0..n {
+            let data_dir = dir.path().join("data").join(format!("n{}", i + 1));
+            let data_dir = serde_json::to_string(&data_dir.to_string_lossy()).expect("path");
+            cfg.push_str(&format!(
+                "[[node]]\nid = \"n{}\"\nclient_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = {data_dir}\n\n",
+                i + 1,
+                ports[2 * i],
+                ports[2 * i + 1]
+            ));
+        }
+        std::fs::write(&config_path, cfg).expect("write cluster.toml");
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| Node {
+                dir: std::sync::Arc::clone(&dir),
+                id: format!("n{}", i + 1),
+                port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
+                config_path: config_path.clone(),
+                log_path: dir.path().join(format!("n{}.log", i + 1)),
+                child: None,
+                http: reqwest::Client::builder()
+                    .timeout(HTTP_TIMEOUT)
+                    .no_proxy()
+                    .build()
+                    .expect("build reqwest client"),
+            })
+            .collect();
+        for node in nodes.iter_mut() {
+            node.spawn();
+        }
+        for node in nodes.iter_mut() {
+            if let Err(e) = node.wait_ready().await {
+                panic!(
+                    "node {} did not become ready: {e}\n{}",
+                    node.id,
+                    node.log_tail(60)
+                );
+            }
+        }
+        for node in &nodes {
+            node.wait_links(n - 1).await;
+        }
+        nodes
+    }
+
+    /// Waits until `/metrics` shows `count` peer links up.
+    pub async fn wait_links(&self, count: usize) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let m = self.get_root("/metrics").await.text;
+            let up = m
+                .lines()
+                .filter(|l| l.starts_with("switchboard_peer_up{") && l.ends_with(" 1"))
+                .count();
+            if up >= count {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {}: {up} of {count} peer links up\n{}",
+                    self.id,
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn write_config(&self, limits_toml: &str) {
         let data_dir = self.dir.path().join("data").join("n1");
         let data_dir = serde_json::to_string(&data_dir.to_string_lossy()).expect("path");
@@ -180,7 +269,7 @@ impl Node {
             .arg("--config")
             .arg(&self.config_path)
             .arg("--node")
-            .arg("n1")
+            .arg(&self.id)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -243,7 +332,7 @@ impl Node {
 
     /// The node's data directory (for checks on what it keeps on disk).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data").join("n1")
+        self.dir.path().join("data").join(&self.id)
     }
 
     pub fn base(&self) -> String {

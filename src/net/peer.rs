@@ -1,0 +1,559 @@
+//! Peer links: how a node reaches the entities homed on the other nodes.
+//!
+//! Owns every node-to-node socket. Each node keeps one outbound link per remote node
+//! (it connects to the peer's `peer_addr` and sends its calls there) and accepts the
+//! peers' links on its own `peer_addr` (it answers their calls there). On the wire:
+//! length-delimited frames (tokio-util's codec, at most [`MAX_PEER_FRAME`] bytes), each
+//! one bincode-encoded [`Frame`].
+//!
+//! - **Handshake.** The connecting side sends `Hello { node, protocol, ring }` and the
+//!   accepting side answers with its own. A link is used only when both speak
+//!   [`PEER_PROTOCOL`] and have the same ring signature: a node never serves a call
+//!   for an entity that its ring may not give it.
+//! - **Calls** carry a correlation id; the answer comes back on the same connection.
+//!   A caller waits at most [`CALL_TIMEOUT`]; a link that is down answers
+//!   `owner_unavailable` at once, so nothing hangs on a dead node.
+//! - **Casts** (events for sessions, best-effort notifications) expect no answer.
+//! - **Reconnect** with exponential backoff ([`RETRY_MIN`]..[`RETRY_MAX`]). When a link
+//!   goes down its pending calls fail, frames still queued for it are dropped (their
+//!   callers were answered), and the node is told ([`PeerHandler::link_changed`]) so
+//!   that sessions depending on it are cleaned up.
+//! - **Batching.** The writer feeds every frame already queued before it flushes, so a
+//!   burst (a group's fan-out to the users of one node) leaves in one write.
+//!
+//! Limits, written down: a link's queue holds [`LINK_QUEUE`] frames; past it calls
+//! answer `owner_unavailable` and casts are dropped. Calls a peer sends us run
+//! concurrently, bounded only by what the peer has in flight.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::actors::*;
+use crate::ids::{ConversationId, GroupId, UserId};
+use crate::metrics::metrics;
+
+/// Version of the frames below; peers on another version are refused.
+pub const PEER_PROTOCOL: u32 = 1;
+/// Largest frame a link accepts (an inbox append carries at most 256 messages of at
+/// most `max_message_bytes` each).
+pub const MAX_PEER_FRAME: usize = 64 << 20;
+/// Frames queued for one link before calls fail and casts are dropped.
+pub const LINK_QUEUE: usize = 16_384;
+/// Longest a call may wait for its answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first frame each side sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub node: String,
+    pub protocol: u32,
+    /// The sender's ring signature (`Ring::signature`).
+    pub ring: u64,
+}
+
+/// A request for an entity homed on the receiving node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerCall {
+    User(UserId, UserRequest),
+    Conversation(ConversationId, ConversationRequest),
+    Group(GroupId, GroupRequest),
+    ReadMessages(ConversationId, Vec<u64>),
+    ClaimHandle(String, UserId),
+    ReleaseHandle(String, UserId),
+    ResolveHandle(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerReply {
+    User(UserReply),
+    Conversation(ConversationReply),
+    Group(GroupReply),
+    Messages(Vec<MessageRecord>),
+    Handle(Option<UserId>),
+    Done,
+}
+
+/// A one-way message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerCast {
+    /// An event for a session on the receiving node, from the actor of `user`. If the
+    /// session is gone (or too slow, and closed), the receiver tells that actor to
+    /// detach it.
+    Deliver {
+        user: UserId,
+        session: u64,
+        event: SessionEvent,
+    },
+    /// A best-effort event for the live sessions of a user homed on the receiving node.
+    Notify { user: UserId, event: SessionEvent },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Frame {
+    Hello(Hello),
+    Call {
+        id: u64,
+        call: PeerCall,
+    },
+    Reply {
+        id: u64,
+        result: Result<PeerReply, ActorError>,
+    },
+    Cast(PeerCast),
+}
+
+fn encode(frame: &Frame) -> Result<Bytes, String> {
+    bincode::serde::encode_to_vec(frame, bincode::config::standard())
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+fn decode(bytes: &[u8]) -> Result<Frame, String> {
+    let (frame, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| e.to_string())?;
+    if used != bytes.len() {
+        return Err(format!("{} trailing bytes", bytes.len() - used));
+    }
+    Ok(frame)
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_PEER_FRAME)
+        .new_codec()
+}
+
+type Wire = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// What a node does with what its peers send it.
+pub trait PeerHandler: Send + Sync + 'static {
+    /// Serves a call for an entity homed here.
+    fn call(&self, call: PeerCall) -> Call<PeerReply>;
+    fn cast(&self, from: &str, cast: PeerCast);
+    /// The link to `node` came up or went down.
+    fn link_changed(&self, node: &str, up: bool);
+}
+
+/// One outbound link.
+struct Link {
+    node: String,
+    addr: SocketAddr,
+    tx: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<PeerReply, ActorError>>>>,
+    next_id: AtomicU64,
+    up: AtomicBool,
+}
+
+impl Link {
+    fn fail_pending(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, tx) in pending {
+            let _ = tx.send(Err(ActorError::Unavailable));
+        }
+    }
+}
+
+/// This node's links to every other node.
+pub struct PeerLinks {
+    me: Hello,
+    links: HashMap<String, Arc<Link>>,
+    handler: OnceLock<Weak<dyn PeerHandler>>,
+}
+
+impl PeerLinks {
+    /// Creates the links (not yet connected); `start` connects them.
+    pub fn new(
+        me: Hello,
+        peers: impl IntoIterator<Item = (String, SocketAddr)>,
+    ) -> (Arc<Self>, Vec<LinkRx>) {
+        let mut links = HashMap::new();
+        let mut rxs = Vec::new();
+        for (node, addr) in peers {
+            let (tx, rx) = mpsc::channel(LINK_QUEUE);
+            let link = Arc::new(Link {
+                node: node.clone(),
+                addr,
+                tx,
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                up: AtomicBool::new(false),
+            });
+            rxs.push(LinkRx {
+                link: Arc::clone(&link),
+                rx,
+            });
+            links.insert(node, link);
+        }
+        (
+            Arc::new(PeerLinks {
+                me,
+                links,
+                handler: OnceLock::new(),
+            }),
+            rxs,
+        )
+    }
+
+    /// Wires in the handler, then starts the outbound links and the listener. Must run
+    /// inside an actix system.
+    pub async fn start(
+        self: &Arc<Self>,
+        handler: Weak<dyn PeerHandler>,
+        listen: SocketAddr,
+        rxs: Vec<LinkRx>,
+    ) -> std::io::Result<()> {
+        let _ = self.handler.set(handler);
+        let listener = TcpListener::bind(listen).await?;
+        let me = Arc::clone(self);
+        actix::spawn(async move { me.accept_loop(listener).await });
+        for rx in rxs {
+            let me = Arc::clone(self);
+            actix::spawn(async move { me.run_link(rx).await });
+        }
+        Ok(())
+    }
+
+    fn handler(&self) -> Option<Arc<dyn PeerHandler>> {
+        self.handler.get().and_then(Weak::upgrade)
+    }
+
+    /// Whether the link to `node` is up now.
+    pub fn is_up(&self, node: &str) -> bool {
+        self.links
+            .get(node)
+            .is_some_and(|l| l.up.load(Ordering::Acquire))
+    }
+
+    /// Sends a call to `node` and waits (bounded) for its answer.
+    pub fn call(&self, node: &str, call: PeerCall) -> Call<PeerReply> {
+        let Some(link) = self
+            .links
+            .get(node)
+            .filter(|l| l.up.load(Ordering::Acquire))
+        else {
+            return Box::pin(async { Err(ActorError::Unavailable) });
+        };
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        link.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        // Queued now, so calls made in order leave in order.
+        let queued = link.tx.try_send(Frame::Call { id, call });
+        let link = Arc::clone(link);
+        Box::pin(async move {
+            let forget = || {
+                link.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            };
+            if queued.is_err() {
+                forget();
+                metrics().peer_calls_failed.inc();
+                return Err(ActorError::Unavailable);
+            }
+            match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) | Err(_) => {
+                    forget();
+                    metrics().peer_calls_failed.inc();
+                    Err(ActorError::Unavailable)
+                }
+            }
+        })
+    }
+
+    /// Sends a one-way message; `false` if the link is down or its queue is full.
+    pub fn cast(&self, node: &str, cast: PeerCast) -> bool {
+        self.links
+            .get(node)
+            .filter(|l| l.up.load(Ordering::Acquire))
+            .is_some_and(|l| l.tx.try_send(Frame::Cast(cast)).is_ok())
+    }
+
+    /// Connects, serves, and reconnects the link to one peer, for the node's life.
+    async fn run_link(self: Arc<Self>, mut rx: LinkRx) {
+        let link = Arc::clone(&rx.link);
+        let mut backoff = RETRY_MIN;
+        let mut warned = false;
+        loop {
+            match self.connect(&link).await {
+                Ok(wire) => {
+                    backoff = RETRY_MIN;
+                    warned = false;
+                    link.up.store(true, Ordering::Release);
+                    metrics().peer_up.with_label_values(&[&link.node]).set(1);
+                    tracing::info!(peer = %link.node, "peer link up");
+                    if let Some(h) = self.handler() {
+                        h.link_changed(&link.node, true);
+                    }
+                    let why = self.serve_outbound(&link, wire, &mut rx.rx).await;
+                    link.up.store(false, Ordering::Release);
+                    metrics().peer_up.with_label_values(&[&link.node]).set(0);
+                    tracing::warn!(peer = %link.node, reason = %why, "peer link down");
+                    link.fail_pending();
+                    // Their callers were answered: drop what is still queued.
+                    while rx.rx.try_recv().is_ok() {}
+                    if let Some(h) = self.handler() {
+                        h.link_changed(&link.node, false);
+                    }
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(peer = %link.node, addr = %link.addr, error = %e, "cannot reach peer; retrying");
+                }
+                Err(e) => tracing::debug!(peer = %link.node, error = %e, "peer still unreachable"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn connect(&self, link: &Link) -> Result<Wire, String> {
+        let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(link.addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let mut wire = Framed::new(stream, codec());
+        wire.send(encode(&Frame::Hello(self.me.clone()))?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let theirs = read_hello(&mut wire).await?;
+        self.check_hello(&theirs, Some(&link.node))?;
+        Ok(wire)
+    }
+
+    /// Refuses a peer on another protocol or ring (or not the node we dialled).
+    fn check_hello(&self, theirs: &Hello, expected: Option<&str>) -> Result<(), String> {
+        if expected.is_some_and(|n| n != theirs.node) {
+            return Err(format!(
+                "expected node {:?}, reached {:?}",
+                expected, theirs.node
+            ));
+        }
+        if !self.links.contains_key(&theirs.node) {
+            return Err(format!(
+                "node {:?} is not in this node's cluster.toml",
+                theirs.node
+            ));
+        }
+        if theirs.protocol != PEER_PROTOCOL {
+            return Err(format!(
+                "peer speaks protocol {}, this node {PEER_PROTOCOL}",
+                theirs.protocol
+            ));
+        }
+        if theirs.ring != self.me.ring {
+            return Err(format!(
+                "ring differs (peer {:016x}, this node {:016x}): are the cluster.toml files the same?",
+                theirs.ring, self.me.ring
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes queued frames and reads answers until the connection fails.
+    async fn serve_outbound(
+        &self,
+        link: &Link,
+        wire: Wire,
+        rx: &mut mpsc::Receiver<Frame>,
+    ) -> String {
+        let (mut sink, mut stream) = wire.split();
+        loop {
+            tokio::select! {
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return "node stopping".into() };
+                    if let Err(e) = write_batch(&mut sink, frame, rx).await {
+                        return e;
+                    }
+                }
+                incoming = stream.next() => {
+                    let bytes = match incoming {
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => return e.to_string(),
+                        None => return "closed by peer".into(),
+                    };
+                    match decode(&bytes) {
+                        Ok(Frame::Reply { id, result }) => {
+                            let waiting = link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                            if let Some(tx) = waiting {
+                                let _ = tx.send(result);
+                            }
+                        }
+                        Ok(other) => return format!("unexpected frame on an outbound link: {other:?}"),
+                        Err(e) => return format!("undecodable frame: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match listener.accept().await {
+                Ok((stream, addr)) => {
+                    backoff = Duration::from_millis(10);
+                    let me = Arc::clone(&self);
+                    actix::spawn(async move {
+                        if let Err(e) = me.serve_inbound(stream).await {
+                            tracing::warn!(from = %addr, error = %e, "inbound peer link ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accepting a peer link failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Answers one peer's calls and applies its casts until the connection ends.
+    async fn serve_inbound(self: Arc<Self>, stream: TcpStream) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let mut wire = Framed::new(stream, codec());
+        let theirs = read_hello(&mut wire).await?;
+        // Answer with our Hello even when refusing, so the other side can say why.
+        wire.send(encode(&Frame::Hello(self.me.clone()))?)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.check_hello(&theirs, None) {
+            tracing::error!(peer = %theirs.node, error = %e, "refusing peer link");
+            return Err(e);
+        }
+        let from = theirs.node;
+        let (mut sink, mut stream) = wire.split();
+        let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+        let writer = actix::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if write_batch(&mut sink, frame, &mut rx).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let result = loop {
+            let bytes = match stream.next().await {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => break Err(e.to_string()),
+                None => break Ok(()),
+            };
+            let Some(handler) = self.handler() else {
+                break Ok(());
+            };
+            match decode(&bytes) {
+                Ok(Frame::Call { id, call }) => {
+                    let answer = handler.call(call);
+                    let tx = tx.clone();
+                    actix::spawn(async move {
+                        let result = answer.await;
+                        let _ = tx.send(Frame::Reply { id, result }).await;
+                    });
+                }
+                Ok(Frame::Cast(cast)) => handler.cast(&from, cast),
+                Ok(other) => break Err(format!("unexpected frame on an inbound link: {other:?}")),
+                Err(e) => break Err(format!("undecodable frame: {e}")),
+            }
+        };
+        writer.abort();
+        result
+    }
+}
+
+/// The receiving end of a link's queue, handed to its connection task.
+pub struct LinkRx {
+    link: Arc<Link>,
+    rx: mpsc::Receiver<Frame>,
+}
+
+async fn read_hello(wire: &mut Wire) -> Result<Hello, String> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, wire.next())
+        .await
+        .map_err(|_| "no hello in time".to_string())?
+        .ok_or("closed before hello")?
+        .map_err(|e| e.to_string())?;
+    match decode(&first)? {
+        Frame::Hello(h) => Ok(h),
+        other => Err(format!("expected hello, got {other:?}")),
+    }
+}
+
+/// Writes `first` and every frame already queued behind it, then flushes once.
+async fn write_batch(
+    sink: &mut SplitSink<Wire, Bytes>,
+    first: Frame,
+    rx: &mut mpsc::Receiver<Frame>,
+) -> Result<(), String> {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(frame) = next {
+        match encode(&frame) {
+            Ok(bytes) => sink.feed(bytes).await.map_err(|e| e.to_string())?,
+            // A frame that cannot be encoded is a bug; its caller times out.
+            Err(e) => tracing::error!(error = %e, "cannot encode a peer frame"),
+        }
+        written += 1;
+        next = if written < 1024 {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    sink.flush().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = Frame::Call {
+            id: 7,
+            call: PeerCall::ResolveHandle("alice".into()),
+        };
+        let back = decode(&encode(&f).unwrap()).unwrap();
+        assert!(
+            matches!(back, Frame::Call { id: 7, call: PeerCall::ResolveHandle(h) } if h == "alice")
+        );
+        let r = Frame::Reply {
+            id: 9,
+            result: Err(ActorError::NotMember),
+        };
+        assert!(matches!(
+            decode(&encode(&r).unwrap()).unwrap(),
+            Frame::Reply {
+                id: 9,
+                result: Err(ActorError::NotMember)
+            }
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Three real nodes on loopback, one cluster.toml: every entity has one home on the
+//! ring and clients get the same service from whichever node they reach. Homes are
+//! computed with the crate's own ring (the layout is specified byte for byte), so the
+//! tests know which node a user lives on.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use serde_json::json;
+use switchboard::net::ring::Ring;
+
+fn ring(n: usize) -> Ring {
+    Ring::new((1..=n).map(|i| format!("n{i}")), 64)
+}
+
+fn home(ring: &Ring, kind: &str, id: &str) -> String {
+    ring.owner(format!("{kind}:{id}").as_bytes())
+        .expect("ring has nodes")
+        .to_string()
+}
+
+/// Index of the node with id `id`.
+fn idx(id: &str) -> usize {
+    id.trim_start_matches('n')
+        .parse::<usize>()
+        .expect("node id")
+        - 1
+}
+
+#[tokio::test]
+async fn three_nodes_serve_one_chat() {
+    let nodes = Node::start_cluster(3, "").await;
+    let r = ring(3);
+    // Users registered through different nodes, homed wherever the ring puts them.
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(nodes[i % 3].user("cl").await);
+    }
+    let homes: Vec<String> = users.iter().map(|u| home(&r, "user", &u.id)).collect();
+    eprintln!("user homes: {homes:?}");
+
+    // A handle is unique across the cluster, whichever node is asked.
+    for n in &nodes {
+        let again = n.create_user(&users[0].handle, "another password").await;
+        assert_http_error(
+            &again,
+            409,
+            "handle_taken",
+            &format!("same handle via {}", n.id),
+        );
+    }
+    // Log in, look up and read profiles through any node.
+    for (i, u) in users.iter().enumerate() {
+        let n = &nodes[(i + 1) % 3];
+        let l = n.login(&u.handle, &u.password).await;
+        assert_eq!(l.status, 200, "login via {}: {}", n.id, l.text);
+        let found = n
+            .get(&format!("/users?handle={}", u.handle), Some(&u.token))
+            .await;
+        assert_eq!(
+            found.body["user_id"].as_str(),
+            Some(u.id.as_str()),
+            "{}",
+            found.text
+        );
+    }
+
+    // 1:1 between devices on different nodes.
+    let (a, b) = (&users[0], &users[1]);
+    let mut aw = nodes[1].ws(&a.token).await;
+    aw.sync(0).await;
+    let mut bw = nodes[2].ws(&b.token).await;
+    bw.sync(0).await;
+    let ack = aw.send_to_user(&b.id, "across the cluster").await;
+    let cid = str_field(&ack, "conversation_id").to_string();
+    let got = bw.recv_type("message").await;
+    assert_eq!(got["message"]["body"], "across the cluster");
+    let own = aw.recv_type("message").await;
+    assert_eq!(own["message"]["seq"], ack["seq"]);
+    bw.send_json(&json!({"type":"read","conversation_id":cid,"seq":1}))
+        .await;
+    let rc = aw.recv_type("receipt").await;
+    assert_eq!(
+        (rc["status"].as_str(), rc["user_id"].as_str()),
+        (Some("read"), Some(b.id.as_str()))
+    );
+    // Typing and presence cross nodes too.
+    bw.send_json(&json!({"type":"typing","conversation_id":cid}))
+        .await;
+    assert_eq!(aw.recv_type("typing").await["user_id"], b.id.as_str());
+    aw.send_json(&json!({"type":"subscribe_presence","user_ids":[b.id]}))
+        .await;
+    assert_eq!(aw.recv_type("presence").await["online"], true);
+
+    // History and receipts agree from every node.
+    for n in &nodes {
+        let h = n.full_history(&a.token, &cid).await;
+        assert_eq!(h.len(), 1, "history via {}", n.id);
+        let rr = n
+            .get(&format!("/conversations/{cid}/receipts"), Some(&b.token))
+            .await;
+        assert_eq!(rr.status, 200, "{}", rr.text);
+    }
+
+    // A group of all six, created through one node, used through all three.
+    let members: Vec<&str> = users[1..].iter().map(|u| u.id.as_str()).collect();
+    let g = nodes[2]
+        .post(
+            "/groups",
+            Some(&users[0].token),
+            &json!({"name": "everywhere", "members": members}),
+        )
+        .await;
+    assert_eq!(g.status, 201, "{}", g.text);
+    let gcid = str_field(&g.body, "conversation_id").to_string();
+    let mut devices = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let mut ws = nodes[(i + 2) % 3].ws(&u.token).await;
+        let replayed = ws.sync(0).await.messages;
+        // Keep what the replay gave, to be read with the live messages.
+        for m in replayed.into_iter().rev() {
+            ws.pending.push_front(m);
+        }
+        devices.push(ws);
+    }
+    for (i, ws) in devices.iter_mut().enumerate() {
+        ws.send_to_conv(&gcid, &format!("hello from {i}")).await;
+    }
+    for (i, ws) in devices.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        while seqs.len() < 7 {
+            let f = ws.recv_type("message").await;
+            if f["message"]["conversation_id"] == gcid.as_str() {
+                seqs.push(u64_field(&f["message"], "seq"));
+            }
+        }
+        assert_eq!(seqs, (1..=7).collect::<Vec<_>>(), "device {i}");
+    }
+    let h = nodes[0].full_history(&users[3].token, &gcid).await;
+    assert_eq!(h.len(), 7);
+
+    // A token revoked through one node stops working on every node at once.
+    let c = &users[2];
+    let out = nodes[(idx(&homes[2]) + 1) % 3]
+        .delete("/sessions/current", Some(&c.token))
+        .await;
+    assert_eq!(out.status, 204, "{}", out.text);
+    for n in &nodes {
+        let me = n.get("/users/me", Some(&c.token)).await;
+        assert_http_error(
+            &me,
+            401,
+            "unauthorized",
+            &format!("revoked token via {}", n.id),
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dead_node_answers_503_and_its_data_is_there_when_it_returns() {
+    let mut nodes = Node::start_cluster(3, "").await;
+    let r = ring(3);
+    // Enough users that each node is home to some.
+    let mut users = Vec::new();
+    while (1..=3).any(|i| {
+        !users
+            .iter()
+            .any(|u: &User| home(&r, "user", &u.id) == format!("n{i}"))
+    }) {
+        users.push(nodes[users.len() % 3].user("dn").await);
+        assert!(
+            users.len() < 60,
+            "the ring never placed a user on every node"
+        );
+    }
+    let on = |n: &str| -> Vec<User> {
+        users
+            .iter()
+            .filter(|u| home(&r, "user", &u.id) == n)
+            .cloned()
+            .collect()
+    };
+    let (n1s, n3s) = (on("n1"), on("n3"));
+    let alive = &n1s[0];
+    let doomed = &n3s[0];
+    // Before the crash, `alive` has talked to every user of n3 (so its connection
+    // knows they exist).
+    let mut aw = nodes[1].ws(&alive.token).await;
+    aw.sync(0).await;
+    for u in &n3s {
+        aw.send_to_user(&u.id, "hello").await;
+    }
+
+    nodes[2].kill9();
+    // Calls for entities homed on the dead node fail fast with 503...
+    let t = Instant::now();
+    let p = nodes[0]
+        .get(&format!("/users/{}", doomed.id), Some(&alive.token))
+        .await;
+    assert_http_error(&p, 503, "owner_unavailable", "a user homed on a dead node");
+    eprintln!("503 for a dead owner after {:?}", t.elapsed());
+    let t = Instant::now();
+    let me = nodes[1].get("/users/me", Some(&doomed.token)).await;
+    assert_http_error(
+        &me,
+        503,
+        "owner_unavailable",
+        "a token of a user homed on a dead node",
+    );
+    eprintln!("503 for a dead owner's token after {:?}", t.elapsed());
+
+    // ...everything else keeps working. A send to a user of the dead node is acked
+    // when its conversation lives on a live node (delivered when the node returns),
+    // and refused with owner_unavailable when the conversation lives on the dead one.
+    let direct_home = |x: &User, y: &User| {
+        let cid = switchboard::ids::ConversationId::direct(
+            x.id.parse().expect("uuid"),
+            y.id.parse().expect("uuid"),
+        );
+        home(&r, "conversation", &cid.to_string())
+    };
+    let mut owed = Vec::new();
+    for u in &n3s {
+        let cmid = aw.send_to_user_nowait(&u.id, "while you were down").await;
+        let reply = aw.reply_for(&cmid).await;
+        if direct_home(alive, u) == "n3" {
+            assert_error_frame(&reply, "owner_unavailable", "a conversation on a dead node");
+        } else {
+            assert_eq!(reply["type"], "ack", "{reply}");
+            owed.push(u.clone());
+        }
+    }
+    eprintln!(
+        "{} of {} sends to n3's users acked while n3 was down",
+        owed.len(),
+        n3s.len()
+    );
+    // Two users of live nodes, with their conversation on a live node, chat on.
+    let friend = users
+        .iter()
+        .find(|u| {
+            u.id != alive.id && home(&r, "user", &u.id) != "n3" && direct_home(alive, u) != "n3"
+        })
+        .cloned();
+    if let Some(friend) = friend {
+        aw.send_to_user(&friend.id, "the living still chat").await;
+    }
+
+    nodes[2].restart().await;
+    for n in &nodes {
+        n.wait_links(2).await;
+    }
+    // Its users are back, with every acked message in their inbox exactly once.
+    let back = nodes[0]
+        .get(&format!("/users/{}", doomed.id), Some(&alive.token))
+        .await;
+    assert_eq!(back.status, 200, "{}", back.text);
+    for u in &owed {
+        let mut ws = nodes[0].ws(&u.token).await;
+        let s = ws.sync_n(0, 2).await;
+        let bodies: Vec<&str> = s
+            .messages
+            .iter()
+            .map(|m| m["message"]["body"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(bodies, vec!["hello", "while you were down"]);
+        ws.expect_no_frame_for(QUIET_MS).await;
+    }
+    // What needed the dead node works again.
+    let mut dw = nodes[0].ws(&doomed.token).await;
+    dw.sync(0).await;
+    dw.send_to_user(&alive.id, "I am back").await;
+}
