@@ -11,6 +11,34 @@ use common::*;
 use serde_json::json;
 use switchboard::net::ring::Ring;
 
+/// `GET /admin/cluster` on `node` with `token`.
+async fn admin_cluster(node: &Node, token: Option<&str>) -> Resp {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    node.call_raw(
+        reqwest::Method::GET,
+        &format!("{}/admin/cluster", node.base()),
+        &headers,
+        None,
+    )
+    .await
+}
+
+/// `(id, status)` of every node in an admin cluster view.
+fn statuses(view: &serde_json::Value) -> Vec<(String, String)> {
+    view["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {view}"))
+        .iter()
+        .map(|n| {
+            (
+                str_field(n, "id").to_string(),
+                str_field(n, "status").to_string(),
+            )
+        })
+        .collect()
+}
+
 fn ring(n: usize) -> Ring {
     Ring::new((1..=n).map(|i| format!("n{i}")), 64)
 }
@@ -141,6 +169,41 @@ async fn three_nodes_serve_one_chat() {
     let h = nodes[0].full_history(&users[3].token, &gcid).await;
     assert_eq!(h.len(), 7);
 
+    // Every node describes the same cluster to its operator.
+    let mut owned_total = 0;
+    for n in &nodes {
+        let v = admin_cluster(n, Some("test-admin-token")).await;
+        assert_eq!(v.status, 200, "{}", v.text);
+        assert_eq!(v.body["node_id"].as_str(), Some(n.id.as_str()));
+        assert_eq!(v.body["ring_version"], 1);
+        assert_eq!(v.body["handoffs_pending"], 0);
+        let want: Vec<(String, String)> = (1..=3)
+            .map(|i| (format!("n{i}"), "up".to_string()))
+            .collect();
+        assert_eq!(statuses(&v.body), want);
+        let mine = v.body["nodes"][idx(&n.id)]["owned_entities"]
+            .as_u64()
+            .expect("count");
+        owned_total += mine;
+        assert_http_error(
+            &admin_cluster(n, None).await,
+            401,
+            "unauthorized",
+            "no admin token",
+        );
+        assert_http_error(
+            &admin_cluster(n, Some(&users[0].token)).await,
+            401,
+            "unauthorized",
+            "a user's token is not the admin token",
+        );
+    }
+    // Users, handles, direct and group conversations, the group: all somewhere.
+    assert!(
+        owned_total >= 6 + 6 + 1 + 1 + 1,
+        "owned entities: {owned_total}"
+    );
+
     // A token revoked through one node stops working on every node at once.
     let c = &users[2];
     let out = nodes[(idx(&homes[2]) + 1) % 3]
@@ -210,6 +273,16 @@ async fn a_dead_node_answers_503_and_its_data_is_there_when_it_returns() {
         "a token of a user homed on a dead node",
     );
     eprintln!("503 for a dead owner's token after {:?}", t.elapsed());
+    let v = admin_cluster(&nodes[0], Some("test-admin-token")).await;
+    assert_eq!(
+        statuses(&v.body)
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>(),
+        vec!["up", "up", "down"],
+        "{}",
+        v.text
+    );
 
     // ...everything else keeps working. A send to a user of the dead node is acked
     // when its conversation lives on a live node (delivered when the node returns),

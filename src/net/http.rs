@@ -32,6 +32,7 @@ const MAX_DISPLAY_NAME_CHARS: usize = 64;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/metrics", web::get().to(metrics_text))
+        .service(resource("/admin/cluster").get(admin_cluster))
         .service(
             web::scope("/api/v1")
                 .service(resource("/users").get(find_user).post(register))
@@ -134,6 +135,61 @@ async fn metrics_text() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(metrics().render())
+}
+
+/// Admits an operator: `Authorization: Bearer <admin_token>`. Without an admin token in
+/// cluster.toml the admin routes do not exist (404).
+fn admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::new(404, "not_found", "no such endpoint"));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().as_bytes())
+        .unwrap_or_default();
+    // Compared in time independent of where they differ.
+    let same = given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            401,
+            "unauthorized",
+            "admin token missing or wrong",
+        ))
+    }
+}
+
+/// `GET /admin/cluster`: the ring this node runs and how each node is doing.
+async fn admin_cluster(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    admin(&state, &req)?;
+    let router = &state.router;
+    let nodes: Vec<serde_json::Value> = router
+        .cluster_view()
+        .await
+        .into_iter()
+        .map(|(id, up, owned)| {
+            json!({"id": id, "status": if up { "up" } else { "down" }, "owned_entities": owned})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "node_id": router.node_id(),
+        "ring_version": router.ring_version(),
+        "nodes": nodes,
+        "handoffs_pending": 0,
+    })))
 }
 
 /// The authenticated caller: a valid, unrevoked, unexpired token.

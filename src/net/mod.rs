@@ -57,6 +57,8 @@ pub enum NetError {
 pub(crate) struct AppState {
     pub router: Arc<Router>,
     pub limits: Arc<crate::config::Limits>,
+    /// `[cluster] admin_token`: `/admin/*` answer 404 without it.
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// Runs one node until it is told to stop (SIGINT/SIGTERM). Must be called inside an
@@ -70,6 +72,7 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         config.cluster.vnodes,
     );
     let pusher = config.push.clone().map(push::Pusher::start);
+    let ring_version = registry.store().ring_version(ring.signature())?;
     let hello = peer::Hello {
         node: node.id.clone(),
         protocol: peer::PEER_PROTOCOL,
@@ -86,6 +89,7 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
     let router = Router::new(
         node.id.clone(),
         ring,
+        ring_version,
         Arc::clone(&registry),
         pusher,
         Arc::clone(&peers),
@@ -148,6 +152,7 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
     let state = AppState {
         router,
         limits: Arc::new(config.limits.clone()),
+        admin_token: config.cluster.admin_token.as_deref().map(Arc::from),
     };
     tracing::info!(node = %node.id, addr = %node.client_addr, data_dir = %node.data_dir.display(), "serving");
     HttpServer::new(move || {

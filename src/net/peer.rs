@@ -75,6 +75,8 @@ pub enum PeerCall {
     ClaimHandle(String, UserId),
     ReleaseHandle(String, UserId),
     ResolveHandle(String),
+    /// How many entities the receiving node stores.
+    Owned,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +86,7 @@ pub enum PeerReply {
     Group(GroupReply),
     Messages(Vec<MessageRecord>),
     Handle(Option<UserId>),
+    Count(u64),
     Done,
 }
 

@@ -34,6 +34,9 @@ const ATTEMPTS: usize = 3;
 pub struct Router {
     node_id: String,
     ring: Ring,
+    ring_version: u64,
+    /// Entities each peer last said it owns, for `GET /admin/cluster`.
+    peer_owned: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     registry: Arc<Registry>,
     sessions: SessionTable,
     pusher: Option<Pusher>,
@@ -50,6 +53,7 @@ impl Router {
     pub fn new(
         node_id: String,
         ring: Ring,
+        ring_version: u64,
         registry: Arc<Registry>,
         pusher: Option<Pusher>,
         peers: Arc<PeerLinks>,
@@ -57,6 +61,8 @@ impl Router {
         Arc::new(Router {
             node_id,
             ring,
+            ring_version,
+            peer_owned: Default::default(),
             registry,
             sessions: SessionTable::default(),
             pusher,
@@ -74,6 +80,42 @@ impl Router {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    pub fn ring_version(&self) -> u64 {
+        self.ring_version
+    }
+
+    /// Entities stored on this node.
+    pub fn owned_here(&self) -> Result<u64, ActorError> {
+        Ok(self.registry.store().entity_counts()?.total())
+    }
+
+    /// What `GET /admin/cluster` lists for each node: `(id, up, owned entities)`. A
+    /// peer that does not answer is down and shows what it last reported.
+    pub async fn cluster_view(&self) -> Vec<(String, bool, u64)> {
+        let mut out = Vec::new();
+        for node in self.ring.nodes() {
+            if *node == self.node_id {
+                out.push((node.clone(), true, self.owned_here().unwrap_or(0)));
+                continue;
+            }
+            let asked = if self.peers.is_up(node) {
+                match self.peers.call(node, PeerCall::Owned).await {
+                    Ok(PeerReply::Count(n)) => Some(n),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let mut cache = self.peer_owned.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = asked {
+                cache.insert(node.clone(), n);
+            }
+            let owned = cache.get(node).copied().unwrap_or(0);
+            out.push((node.clone(), asked.is_some(), owned));
+        }
+        out
     }
 
     fn home(&self, key: &str) -> Result<Home<'_>, ActorError> {
@@ -380,6 +422,10 @@ impl PeerHandler for Router {
                 || self.resolve_handle(h),
                 PeerReply::Handle,
             ),
+            PeerCall::Owned => {
+                let owned = self.owned_here();
+                Box::pin(async move { owned.map(PeerReply::Count) })
+            }
         }
     }
 

@@ -35,6 +35,7 @@ struct Inner {
     fanout: Tree,
     media: Tree,
     groups: Tree,
+    meta: Tree,
     media_dir: std::path::PathBuf,
     committer: Committer,
 }
@@ -60,6 +61,7 @@ impl Store {
                 fanout: db.open_tree("fanout")?,
                 media: db.open_tree("media")?,
                 groups: db.open_tree("groups")?,
+                meta: db.open_tree("meta")?,
                 media_dir,
                 committer,
             }),
@@ -552,6 +554,89 @@ impl Store {
     }
 }
 
+// ---- the node as a whole ---------------------------------------------------------------
+
+/// How many entities of each kind this database holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntityCounts {
+    pub users: u64,
+    pub conversations: u64,
+    pub groups: u64,
+    pub handles: u64,
+    pub media: u64,
+}
+
+impl EntityCounts {
+    pub fn total(&self) -> u64 {
+        self.users + self.conversations + self.groups + self.handles + self.media
+    }
+}
+
+impl Store {
+    /// The version of the ring with `signature`: the stored one if the ring is the
+    /// one this node last ran, else the next, recorded durably. Every node that runs
+    /// the same sequence of cluster files counts the same versions.
+    pub fn ring_version(&self, signature: u64) -> Result<u64> {
+        const KEY: &[u8] = b"ring";
+        let stored: Option<(u64, u64)> = get(&self.inner.meta, "meta", KEY)?;
+        let version = match stored {
+            Some((version, sig)) if sig == signature => return Ok(version),
+            Some((version, _)) => version + 1,
+            None => 1,
+        };
+        self.inner
+            .meta
+            .insert(KEY, encode(&(version, signature))?)?;
+        self.inner.meta.flush()?;
+        Ok(version)
+    }
+
+    /// Counts the entities stored here. Each entity's keys are one contiguous range
+    /// under its id, so this seeks from one id to the next instead of reading every
+    /// key (an inbox of a million entries costs one seek).
+    pub fn entity_counts(&self) -> Result<EntityCounts> {
+        Ok(EntityCounts {
+            users: count_ids(&self.inner.users)?,
+            conversations: count_ids(&self.inner.conversations)?,
+            groups: count_ids(&self.inner.groups)?,
+            handles: self.inner.handles.len() as u64,
+            media: count_ids(&self.inner.media)?,
+        })
+    }
+}
+
+/// Number of distinct 16-byte entity ids that keys of `tree` start with.
+fn count_ids(tree: &Tree) -> Result<u64> {
+    let mut count = 0;
+    let mut from: Vec<u8> = Vec::new();
+    while let Some(item) = tree.range(from.as_slice()..).next() {
+        let (k, _) = item?;
+        let Some(id) = k.get(..16) else {
+            return Err(corrupt("entities", &k, "key shorter than an id"));
+        };
+        count += 1;
+        match successor(id) {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    Ok(count)
+}
+
+/// The smallest 16-byte id greater than `id`, if any.
+fn successor(id: &[u8]) -> Option<Vec<u8>> {
+    let mut next = id.to_vec();
+    for byte in next.iter_mut().rev() {
+        if *byte == u8::MAX {
+            *byte = 0;
+        } else {
+            *byte += 1;
+            return Some(next);
+        }
+    }
+    None
+}
+
 // ---- groups -------------------------------------------------------------------------
 
 impl Store {
@@ -718,5 +803,39 @@ mod tests {
         assert_eq!(page.len(), 10);
         assert_eq!(store.inbox_range(u, 298, 299, 10).unwrap().len(), 1);
         assert_eq!(store.user_conversations(u).unwrap(), vec![conv]);
+    }
+
+    #[tokio::test]
+    async fn entities_are_counted_by_id_not_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = UserId::random();
+        for c in [0u128, 1, u128::MAX] {
+            let cid = ConversationId(Uuid::from_u128(c));
+            for seq in 1..=20 {
+                store.put_message(&msg(cid, seq, alice)).unwrap();
+            }
+        }
+        store.claim_handle("alice", alice).unwrap();
+        let counts = store.entity_counts().unwrap();
+        assert_eq!(
+            (counts.conversations, counts.handles, counts.users),
+            (3, 1, 0)
+        );
+        assert_eq!(counts.total(), 4);
+    }
+
+    #[test]
+    fn ring_versions_count_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.ring_version(0xA).unwrap(), 1);
+            assert_eq!(store.ring_version(0xA).unwrap(), 1);
+            assert_eq!(store.ring_version(0xB).unwrap(), 2);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.ring_version(0xB).unwrap(), 2);
+        assert_eq!(store.ring_version(0xA).unwrap(), 3);
     }
 }
