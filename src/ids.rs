@@ -103,6 +103,11 @@ impl GroupId {
     }
 }
 
+/// The ring key of a media object: its home stores the bytes and who may read them.
+pub fn media_ring_key(id: &Uuid) -> String {
+    format!("media:{id}")
+}
+
 /// The ring key of a handle: handles are entities of their own so that uniqueness is
 /// decided at one home node.
 pub fn handle_ring_key(handle: &str) -> String {

@@ -344,3 +344,114 @@ async fn a_dead_node_answers_503_and_its_data_is_there_when_it_returns() {
     dw.sync(0).await;
     dw.send_to_user(&alive.id, "I am back").await;
 }
+
+#[tokio::test]
+async fn media_is_stored_where_uploaded_and_read_through_any_node() {
+    let nodes = Node::start_cluster(3, "").await;
+    let r = ring(3);
+    let a = nodes[0].user("ma").await;
+    let b = nodes[1].user("mb").await;
+    let stranger = nodes[2].user("ms").await;
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let up = nodes[1]
+        .call_raw(
+            reqwest::Method::POST,
+            &nodes[1].api("/media"),
+            &[
+                ("Authorization", &format!("Bearer {}", a.token)),
+                ("Content-Type", "image/png"),
+            ],
+            Some(bytes.clone()),
+        )
+        .await;
+    assert_eq!(up.status, 201, "{}", up.text);
+    let mid = str_field(&up.body, "media_id").to_string();
+    assert_eq!(
+        home(&r, "media", &mid),
+        "n2",
+        "an upload is stored where it arrives"
+    );
+
+    // a sends it to b (through a third node); b reads it through every node.
+    let mut aw = nodes[2].ws(&a.token).await;
+    aw.sync(0).await;
+    let cmid = new_uuid();
+    aw.send_json(
+        &json!({"type":"send","client_msg_id":cmid,"to_user":b.id,"body":"look","media":[mid]}),
+    )
+    .await;
+    let ack = aw.ack_for(&cmid).await;
+    assert!(ack["seq"].is_u64());
+    for n in &nodes {
+        let whole = n
+            .call_raw(
+                reqwest::Method::GET,
+                &n.api(&format!("/media/{mid}")),
+                &[("Authorization", &format!("Bearer {}", b.token))],
+                None,
+            )
+            .await;
+        assert_eq!(whole.status, 200, "GET via {}", n.id);
+        // (The harness keeps bodies as lossy UTF-8: compare them the same way.)
+        assert!(
+            whole.text == String::from_utf8_lossy(&bytes),
+            "bytes via {}",
+            n.id
+        );
+        let part = n
+            .call_raw(
+                reqwest::Method::GET,
+                &n.api(&format!("/media/{mid}")),
+                &[
+                    ("Authorization", &format!("Bearer {}", b.token)),
+                    ("Range", "bytes=1000-1999"),
+                ],
+                None,
+            )
+            .await;
+        assert_eq!(part.status, 206, "ranged GET via {}", n.id);
+        assert!(
+            part.text == String::from_utf8_lossy(&bytes[1000..2000]),
+            "range via {}",
+            n.id
+        );
+        let denied = n
+            .call_raw(
+                reqwest::Method::GET,
+                &n.api(&format!("/media/{mid}")),
+                &[("Authorization", &format!("Bearer {}", stranger.token))],
+                None,
+            )
+            .await;
+        assert_http_error(
+            &denied,
+            403,
+            "not_member",
+            &format!("a stranger via {}", n.id),
+        );
+    }
+    // The stranger cannot attach it either, and nothing is stored.
+    let mut sw = nodes[0].ws(&stranger.token).await;
+    sw.sync(0).await;
+    let cmid = new_uuid();
+    sw.send_json(
+        &json!({"type":"send","client_msg_id":cmid,"to_user":a.id,"body":"mine now","media":[mid]}),
+    )
+    .await;
+    assert_error_frame(
+        &sw.reply_for(&cmid).await,
+        "not_member",
+        "someone else's media",
+    );
+    let unknown = new_uuid();
+    let cmid = new_uuid();
+    sw.send_json(
+        &json!({"type":"send","client_msg_id":cmid,"to_user":a.id,"body":"?","media":[unknown]}),
+    )
+    .await;
+    assert_error_frame(
+        &sw.reply_for(&cmid).await,
+        "unknown_media",
+        "media that does not exist",
+    );
+}

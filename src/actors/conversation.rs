@@ -52,7 +52,7 @@ const RECENT_BYTES: usize = 1024 * 1024;
 /// Most messages sent to one member in one append.
 const FANOUT_BATCH: u64 = 256;
 /// Most media one message may reference.
-const MAX_MEDIA_PER_MESSAGE: usize = 32;
+pub const MAX_MEDIA_PER_MESSAGE: usize = 32;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -242,21 +242,14 @@ impl ConversationActor {
         if let Err(e) = self.is_member(sender) {
             return done(Err(e));
         }
+        // The media were checked, and their references to this conversation recorded
+        // durably, at their home node before the session posted (see
+        // `Registry::reference_media`): a stored message's media are always readable by
+        // the conversation's members.
         if media.len() > MAX_MEDIA_PER_MESSAGE {
             return done(Err(ActorError::BadRequest(format!(
                 "at most {MAX_MEDIA_PER_MESSAGE} media per message"
             ))));
-        }
-        for id in &media {
-            if let Err(e) = self.registry.check_media_readable(sender, *id) {
-                return done(Err(e));
-            }
-        }
-        // References first: a recovered message always has its media readable here.
-        for id in &media {
-            if let Err(e) = store.add_media_ref(*id, self.id) {
-                return done(Err(e.into()));
-            }
         }
         let seq = self.last_seq + 1;
         let message = MessageRecord {

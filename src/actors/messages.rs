@@ -275,6 +275,20 @@ pub enum ConversationReply {
     Users(Vec<UserId>),
 }
 
+/// What a media object's home node does. Media are immutable, so no actor: these
+/// are storage operations at the home.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MediaRequest {
+    /// `user` attaches the media to a message in `conversation` (see
+    /// `Registry::reference_media`).
+    Reference {
+        user: UserId,
+        conversation: ConversationId,
+        /// The other user, when the send names a direct chat by `to_user`.
+        peer: Option<UserId>,
+    },
+}
+
 /// What the Group actor does. Every change is made by a member; the actor checks roles.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GroupRequest {

@@ -25,7 +25,7 @@ mod route;
 pub mod sequence;
 mod user;
 
-pub use conversation::{read_messages, ConversationActor};
+pub use conversation::{read_messages, ConversationActor, MAX_MEDIA_PER_MESSAGE};
 pub use error::ActorError;
 pub use group::GroupActor;
 pub use messages::*;

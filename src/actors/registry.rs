@@ -156,12 +156,13 @@ impl Registry {
     pub async fn save_media(
         &self,
         writer: MediaWriter,
+        media_id: uuid::Uuid,
         content_type: String,
         uploader: UserId,
     ) -> Result<MediaRecord, ActorError> {
         let (sha256, size) = writer.finish().await?;
         let rec = MediaRecord {
-            media_id: uuid::Uuid::new_v4(),
+            media_id,
             sha256,
             size,
             content_type,
@@ -181,43 +182,61 @@ impl Registry {
         id: uuid::Uuid,
     ) -> Result<(MediaRecord, std::path::PathBuf), ActorError> {
         let rec = self.store.media(id)?.ok_or(ActorError::UnknownMedia)?;
+        if !self.can_read(user, &rec).await? {
+            return Err(ActorError::MediaForbidden);
+        }
         let path = self.store.media_path(&rec.sha256);
+        Ok((rec, path))
+    }
+
+    /// The media access rule: its uploader, and the members of a conversation holding
+    /// a message that references it (asked of each conversation's home).
+    async fn can_read(&self, user: UserId, rec: &MediaRecord) -> Result<bool, ActorError> {
         if rec.uploader == user {
-            return Ok((rec, path));
+            return Ok(true);
         }
         let route = self.route().ok_or(ActorError::Unavailable)?;
-        for conversation in self.store.media_refs(id)? {
+        for conversation in self.store.media_refs(rec.media_id)? {
             if route
                 .conversation(conversation, ConversationRequest::View { user })
                 .await
                 .is_ok()
             {
-                return Ok((rec, path));
+                return Ok(true);
             }
         }
-        Err(ActorError::MediaForbidden)
+        Ok(false)
     }
 
-    /// Whether `user` may attach the media to a message: it exists, and `user`
-    /// uploaded it or is a member of a conversation already holding it. Synchronous
-    /// (storage reads only), so a conversation can check without giving up its order.
-    pub(crate) fn check_media_readable(
+    /// Lets `user` attach the media to a message in `conversation`: the media exists,
+    /// `user` uploaded it or is a member of a conversation already holding it, and
+    /// `user` is a member of `conversation` (a direct chat with `peer` counts: this very
+    /// send creates it). Then records, durably, that `conversation` references it, so
+    /// the message, once stored, is readable by its members. Runs at the media's home.
+    ///
+    /// If the send then fails, the reference stays: the conversation's members may read
+    /// a media its sender meant to share with them.
+    pub async fn reference_media(
         &self,
         user: UserId,
         id: uuid::Uuid,
+        conversation: ConversationId,
+        peer: Option<UserId>,
     ) -> Result<(), ActorError> {
         let rec = self.store.media(id)?.ok_or(ActorError::UnknownMedia)?;
-        if rec.uploader == user {
-            return Ok(());
+        let route = self.route().ok_or(ActorError::Unavailable)?;
+        let direct = peer.is_some_and(|p| ConversationId::direct(user, p) == conversation);
+        if !direct {
+            route
+                .conversation(conversation, ConversationRequest::View { user })
+                .await?;
         }
-        for conversation in self.store.media_refs(id)? {
-            if let Some(c) = self.store.conversation(conversation)? {
-                if c.members.contains(&user) {
-                    return Ok(());
-                }
-            }
+        if !self.can_read(user, &rec).await? {
+            return Err(ActorError::MediaForbidden);
         }
-        Err(ActorError::MediaForbidden)
+        self.store.add_media_ref(id, conversation)?;
+        self.store.commit(1).await?;
+        Ok(())
     }
 
     /// Claims `handle` for `user`, durably. `Some(owner)` if someone else holds it.

@@ -8,8 +8,8 @@ use futures_util::future::BoxFuture;
 
 use super::error::ActorError;
 use super::messages::{
-    ConversationReply, ConversationRequest, GroupReply, GroupRequest, OfflineNotice, SessionEvent,
-    SessionRef, UserReply, UserRequest,
+    ConversationReply, ConversationRequest, GroupReply, GroupRequest, MediaRequest, OfflineNotice,
+    SessionEvent, SessionRef, UserReply, UserRequest,
 };
 use crate::ids::{ConversationId, GroupId, UserId};
 use crate::storage::MessageRecord;
@@ -34,6 +34,7 @@ pub trait Route: Send + Sync + 'static {
     fn conversation(&self, id: ConversationId, req: ConversationRequest)
         -> Call<ConversationReply>;
     fn group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply>;
+    fn media(&self, id: uuid::Uuid, req: MediaRequest) -> Call<()>;
     /// Pushes an event to the live sessions of a user, best-effort and without waiting:
     /// a user with no live session (whose actor is not running) is skipped without
     /// being woken, and a user whose mailbox is full misses it.

@@ -490,7 +490,10 @@ async fn upload_media(
             "upload shorter than its Content-Length",
         ));
     }
-    let rec = registry.save_media(writer, content_type, me.user).await?;
+    let id = state.router.new_media_id();
+    let rec = registry
+        .save_media(writer, id, content_type, me.user)
+        .await?;
     Ok(HttpResponse::Created().json(json!({
         "media_id": rec.media_id,
         "size": rec.size,
@@ -507,6 +510,9 @@ async fn download_media(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let id: uuid::Uuid = parse_id(&path, "media_id")?;
+    if let Some(home) = state.router.media_elsewhere(&id) {
+        return proxy_media(&state, home, id, &req).await;
+    }
     let (rec, file) = state.router.registry().readable_media(me.user, id).await?;
     let named = actix_files::NamedFile::open_async(&file)
         .await
@@ -519,6 +525,48 @@ async fn download_media(
         .set_content_type(mime)
         .disable_content_disposition()
         .into_response(&req))
+}
+
+/// Reads a media object from its home node for the client, streaming the answer
+/// through: the home checks the client's token and access itself, and handles `Range`.
+async fn proxy_media(
+    state: &AppState,
+    home: std::net::SocketAddr,
+    id: uuid::Uuid,
+    req: &HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let mut ask = state.http.get(format!("http://{home}/api/v1/media/{id}"));
+    if let Some(token) = request_token(req) {
+        ask = ask.bearer_auth(token);
+    }
+    if let Some(range) = req.headers().get(header::RANGE) {
+        ask = ask.header(header::RANGE.as_str(), range.as_bytes());
+    }
+    let answer = ask
+        .send()
+        .await
+        .map_err(|_| ApiError::from(ActorError::Unavailable))?;
+    let status = actix_web::http::StatusCode::from_u16(answer.status().as_u16())
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let mut out = HttpResponse::build(status);
+    for name in [
+        "content-type",
+        "content-range",
+        "accept-ranges",
+        "content-length",
+    ] {
+        if let Some(v) = answer.headers().get(name) {
+            out.insert_header((name, v.as_bytes()));
+        }
+    }
+    let length = answer.content_length();
+    let body = answer.bytes_stream().map(|chunk| {
+        chunk.map_err(|e| actix_web::error::ErrorBadGateway(format!("media home: {e}")))
+    });
+    Ok(match length {
+        Some(n) => out.body(actix_web::body::SizedStream::new(n, body)),
+        None => out.streaming(body),
+    })
 }
 
 /// Longest opaque key string accepted (identity key, signed prekey, one prekey).

@@ -59,6 +59,8 @@ pub(crate) struct AppState {
     pub limits: Arc<crate::config::Limits>,
     /// `[cluster] admin_token`: `/admin/*` answer 404 without it.
     pub admin_token: Option<Arc<str>>,
+    /// For reading media from their home node on a client's behalf.
+    pub http: reqwest::Client,
 }
 
 /// Runs one node until it is told to stop (SIGINT/SIGTERM). Must be called inside an
@@ -93,6 +95,11 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         Arc::clone(&registry),
         pusher,
         Arc::clone(&peers),
+        config
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.client_addr))
+            .collect(),
     );
     let weak: Weak<dyn Route> = Arc::downgrade(&(Arc::clone(&router) as Arc<dyn Route>));
     registry.set_route(weak);
@@ -153,6 +160,11 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         router,
         limits: Arc::new(config.limits.clone()),
         admin_token: config.cluster.admin_token.as_deref().map(Arc::from),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .map_err(|e| NetError::Io(std::io::Error::other(e)))?,
     };
     tracing::info!(node = %node.id, addr = %node.client_addr, data_dir = %node.data_dir.display(), "serving");
     HttpServer::new(move || {

@@ -71,6 +71,7 @@ pub enum PeerCall {
     User(UserId, UserRequest),
     Conversation(ConversationId, ConversationRequest),
     Group(GroupId, GroupRequest),
+    Media(uuid::Uuid, MediaRequest),
     ReadMessages(ConversationId, Vec<u64>),
     ClaimHandle(String, UserId),
     ReleaseHandle(String, UserId),

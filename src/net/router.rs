@@ -23,7 +23,7 @@ use super::push::Pusher;
 use super::ring::Ring;
 use super::sessions::SessionTable;
 use crate::actors::*;
-use crate::ids::{handle_ring_key, ConversationId, GroupId, UserId};
+use crate::ids::{handle_ring_key, media_ring_key, ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 
 /// Longest an entity call may take before the caller gets `Unavailable`.
@@ -41,6 +41,8 @@ pub struct Router {
     sessions: SessionTable,
     pusher: Option<Pusher>,
     peers: Arc<PeerLinks>,
+    /// Every node's client address, to proxy media reads to their home.
+    client_addrs: std::collections::HashMap<String, std::net::SocketAddr>,
 }
 
 /// Where an entity lives.
@@ -57,6 +59,7 @@ impl Router {
         registry: Arc<Registry>,
         pusher: Option<Pusher>,
         peers: Arc<PeerLinks>,
+        client_addrs: std::collections::HashMap<String, std::net::SocketAddr>,
     ) -> Arc<Self> {
         Arc::new(Router {
             node_id,
@@ -67,6 +70,7 @@ impl Router {
             sessions: SessionTable::default(),
             pusher,
             peers,
+            client_addrs,
         })
     }
 
@@ -80,6 +84,38 @@ impl Router {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// A fresh media id homed on this node, so an upload is stored where it arrives.
+    /// (A random id lands here with probability 1/n; a few tries suffice.)
+    pub fn new_media_id(&self) -> uuid::Uuid {
+        loop {
+            let id = uuid::Uuid::new_v4();
+            if matches!(self.home(&media_ring_key(&id)), Ok(Home::Here) | Err(_)) {
+                return id;
+            }
+        }
+    }
+
+    /// The client address of the media's home, if that is another node.
+    pub fn media_elsewhere(&self, id: &uuid::Uuid) -> Option<std::net::SocketAddr> {
+        match self.home(&media_ring_key(id)) {
+            Ok(Home::Peer(node)) => self.client_addrs.get(node).copied(),
+            _ => None,
+        }
+    }
+
+    fn local_media(&self, id: uuid::Uuid, req: MediaRequest) -> Call<()> {
+        let registry = Arc::clone(&self.registry);
+        Box::pin(async move {
+            match req {
+                MediaRequest::Reference {
+                    user,
+                    conversation,
+                    peer,
+                } => registry.reference_media(user, id, conversation, peer).await,
+            }
+        })
     }
 
     pub fn ring_version(&self) -> u64 {
@@ -268,6 +304,17 @@ impl Route for Router {
         }
     }
 
+    fn media(&self, id: uuid::Uuid, req: MediaRequest) -> Call<()> {
+        match self.home(&media_ring_key(&id)) {
+            Ok(Home::Here) => self.local_media(id, req),
+            Ok(Home::Peer(node)) => self.remote(node, PeerCall::Media(id, req), |r| match r {
+                PeerReply::Done => Some(()),
+                _ => None,
+            }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
     fn notify(&self, user: UserId, event: SessionEvent) {
         match self.home(&user.ring_key()) {
             Ok(Home::Here) => {
@@ -401,6 +448,11 @@ impl PeerHandler for Router {
                 self.owns(&id.ring_key()),
                 || self.local_group(id, req),
                 PeerReply::Group,
+            ),
+            PeerCall::Media(id, req) => here(
+                self.owns(&media_ring_key(&id)),
+                || self.local_media(id, req),
+                |()| PeerReply::Done,
             ),
             PeerCall::ReadMessages(id, seqs) => here(
                 self.owns(&id.ring_key()),

@@ -196,8 +196,11 @@ pub struct WsSession {
     known_peers: HashSet<UserId>,
     /// Watermarks waiting for the end of the current window.
     marks: HashMap<(ConversationId, ReceiptStatus), u64>,
-    /// Sends waiting for a peer's existence check, in arrival order, by peer.
-    peer_checks: HashMap<UserId, Vec<PendingSend>>,
+    /// Sends waiting, per conversation and in arrival order, behind a check that must
+    /// pass before the first of them is posted (the peer exists; the media may be
+    /// attached). Later sends to the same conversation wait too, so a conversation's
+    /// sends are stored in the order they arrived.
+    waiting: HashMap<ConversationId, VecDeque<PendingSend>>,
     closing: bool,
 }
 
@@ -238,7 +241,7 @@ impl WsSession {
             gauge: Arc::new(Gauge::default()),
             fragments: None,
             known_peers: HashSet::new(),
-            peer_checks: HashMap::new(),
+            waiting: HashMap::new(),
             marks: HashMap::new(),
             closing: false,
         }
@@ -524,6 +527,10 @@ impl WsSession {
             let msg = format!("over {} sends per second", self.limits.sends_per_second);
             return self.error(ctx, "rate_limited", &msg, cmid);
         }
+        if media.len() > MAX_MEDIA_PER_MESSAGE {
+            let msg = format!("at most {MAX_MEDIA_PER_MESSAGE} media per message");
+            return self.error(ctx, "bad_request", &msg, cmid);
+        }
         let send = PendingSend {
             conversation_id,
             peer,
@@ -532,37 +539,82 @@ impl WsSession {
             body: send.body,
             media,
         };
-        match peer {
-            Some(p) if !self.known_peers.contains(&p) => {
-                // Sends wait behind the peer's existence check so that a burst to a new
-                // peer is stored in the order it was sent.
-                if let Some(queue) = self.peer_checks.get_mut(&p) {
-                    queue.push(send);
-                    return;
-                }
-                self.peer_checks.insert(p, vec![send]);
-                let check = self.router.user(p, UserRequest::Profile);
-                ctx.spawn(wrap_future::<_, Self>(check).map(move |res, act, ctx| {
-                    let queued = act.peer_checks.remove(&p).unwrap_or_default();
-                    match res {
-                        Ok(_) => {
-                            if act.known_peers.len() < KNOWN_PEERS {
-                                act.known_peers.insert(p);
-                            }
-                            for s in queued {
-                                act.post(ctx, s);
-                            }
-                        }
-                        Err(e) => {
-                            for s in queued {
-                                act.actor_error(ctx, &e, Some(&s.cmid_raw));
-                            }
+        if let Some(queue) = self.waiting.get_mut(&conversation_id) {
+            return queue.push_back(send);
+        }
+        if self.needs_check(&send) {
+            self.waiting.insert(conversation_id, VecDeque::from([send]));
+            self.next_waiting(ctx, conversation_id);
+        } else {
+            self.post(ctx, send);
+        }
+    }
+
+    /// A send to a peer not yet known to exist, or with media, is checked first.
+    fn needs_check(&self, send: &PendingSend) -> bool {
+        send.peer.is_some_and(|p| !self.known_peers.contains(&p)) || !send.media.is_empty()
+    }
+
+    /// Posts the sends waiting for `cid` that need no check, up to the first that does,
+    /// whose check it starts; that check's end posts (or refuses) it and continues.
+    fn next_waiting(&mut self, ctx: &mut ws::WebsocketContext<Self>, cid: ConversationId) {
+        loop {
+            let Some(head) = self.waiting.get(&cid).and_then(|q| q.front()) else {
+                self.waiting.remove(&cid);
+                return;
+            };
+            if self.needs_check(head) {
+                break;
+            }
+            if let Some(send) = self.waiting.get_mut(&cid).and_then(|q| q.pop_front()) {
+                self.post(ctx, send);
+            }
+        }
+        let Some(head) = self.waiting.get(&cid).and_then(|q| q.front()) else {
+            return;
+        };
+        let peer = head.peer.filter(|p| !self.known_peers.contains(p));
+        let peer_check = peer.map(|p| self.router.user(p, UserRequest::Profile));
+        let media_checks: Vec<_> = head
+            .media
+            .iter()
+            .map(|id| {
+                self.router.media(
+                    *id,
+                    MediaRequest::Reference {
+                        user: self.user,
+                        conversation: cid,
+                        peer: head.peer,
+                    },
+                )
+            })
+            .collect();
+        let checks = async move {
+            if let Some(check) = peer_check {
+                check.await?;
+            }
+            for check in media_checks {
+                check.await?;
+            }
+            Ok::<(), ActorError>(())
+        };
+        ctx.spawn(wrap_future::<_, Self>(checks).map(move |res, act, ctx| {
+            let Some(send) = act.waiting.get_mut(&cid).and_then(|q| q.pop_front()) else {
+                return;
+            };
+            match res {
+                Ok(()) => {
+                    if let Some(p) = peer {
+                        if act.known_peers.len() < KNOWN_PEERS {
+                            act.known_peers.insert(p);
                         }
                     }
-                }));
+                    act.post(ctx, send);
+                }
+                Err(e) => act.actor_error(ctx, &e, Some(&send.cmid_raw)),
             }
-            _ => self.post(ctx, send),
-        }
+            act.next_waiting(ctx, cid);
+        }));
     }
 
     /// Posts a validated send to its conversation and answers with the ack or an error.
