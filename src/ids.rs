@@ -13,8 +13,8 @@ use uuid::Uuid;
 /// Namespace for direct-conversation ids: the standard URL namespace of RFC 4122, so any
 /// client can derive the same id from the two user ids.
 const DIRECT_NAMESPACE: Uuid = Uuid::NAMESPACE_URL;
-/// Namespace for group-conversation ids (distinct from the direct one, and the name is
-/// 16 bytes there against 32 here, so the two kinds never collide).
+/// Namespace for group-conversation ids: distinct from the direct one (and the name is
+/// the 16-byte group id here against the 32-byte pair there), so the kinds never collide.
 const GROUP_NAMESPACE: Uuid = Uuid::NAMESPACE_OID;
 
 macro_rules! entity_id {

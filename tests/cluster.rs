@@ -455,3 +455,115 @@ async fn media_is_stored_where_uploaded_and_read_through_any_node() {
         "media that does not exist",
     );
 }
+
+#[tokio::test]
+async fn a_membership_change_waits_for_its_conversation_node_and_is_announced_once() {
+    let mut nodes = Node::start_cluster(3, "").await;
+    let r = ring(3);
+    let mut users: Vec<User> = Vec::new();
+    for i in 0..6 {
+        users.push(nodes[i % 3].user("gw").await);
+    }
+    // A group whose conversation lives on another node than the group itself.
+    let (gid, cid, conv_node) = loop {
+        let g = nodes[0]
+            .post(
+                "/groups",
+                Some(&users[0].token),
+                &json!({"name": "split", "members": []}),
+            )
+            .await;
+        assert_eq!(g.status, 201, "{}", g.text);
+        let gid = str_field(&g.body, "group_id").to_string();
+        let cid = str_field(&g.body, "conversation_id").to_string();
+        let (gh, ch) = (home(&r, "group", &gid), home(&r, "conversation", &cid));
+        if gh != ch && home(&r, "user", &users[0].id) != ch {
+            break (gid, cid, ch);
+        }
+    };
+    let down = idx(&conv_node);
+    let up = (down + 1) % 3;
+    let newcomer = users
+        .iter()
+        .skip(1)
+        .find(|u| home(&r, "user", &u.id) != conv_node)
+        .cloned()
+        .expect("a user homed elsewhere");
+    let second = users
+        .iter()
+        .skip(1)
+        .find(|u| u.id != newcomer.id && home(&r, "user", &u.id) != conv_node)
+        .cloned();
+
+    nodes[down].kill9();
+    // The change is stored and answered; its announcement waits for the conversation.
+    let add = nodes[up]
+        .post(
+            &format!("/groups/{gid}/members"),
+            Some(&users[0].token),
+            &json!({ "user_id": newcomer.id }),
+        )
+        .await;
+    assert_eq!(add.status, 200, "{}", add.text);
+    // While it is unannounced, every change waits, its own retry included.
+    let again = nodes[up]
+        .post(
+            &format!("/groups/{gid}/members"),
+            Some(&users[0].token),
+            &json!({ "user_id": newcomer.id }),
+        )
+        .await;
+    assert_http_error(
+        &again,
+        503,
+        "owner_unavailable",
+        "a retry while unannounced",
+    );
+    // A further change cannot overtake the unannounced one.
+    if let Some(second) = &second {
+        let next = nodes[up]
+            .post(
+                &format!("/groups/{gid}/members"),
+                Some(&users[0].token),
+                &json!({ "user_id": second.id }),
+            )
+            .await;
+        assert_http_error(
+            &next,
+            503,
+            "owner_unavailable",
+            "a change behind an unannounced one",
+        );
+    }
+
+    nodes[down].restart().await;
+    for n in &nodes {
+        n.wait_links(2).await;
+    }
+    // The group retries on its own: the newcomer's inbox gets its arrival, once.
+    let mut nw = nodes[up].ws(&newcomer.token).await;
+    let s = nw.sync_n(0, 1).await;
+    let m = &s.messages[0]["message"];
+    assert_eq!(m["conversation_id"], cid.as_str());
+    let ev: serde_json::Value = serde_json::from_str(str_field(m, "body")).expect("json body");
+    assert_eq!(
+        (ev["event"].as_str(), ev["user_id"].as_str()),
+        (Some("member_added"), Some(newcomer.id.as_str()))
+    );
+    nw.send_to_conv(&cid, "made it").await;
+    // Now a retry of the add is answered as the success it was, not "already a member".
+    let again = nodes[up]
+        .post(
+            &format!("/groups/{gid}/members"),
+            Some(&users[0].token),
+            &json!({ "user_id": newcomer.id }),
+        )
+        .await;
+    assert_eq!(again.status, 200, "a retry after the fact: {}", again.text);
+    let h = nodes[0].full_history(&users[0].token, &cid).await;
+    let added: Vec<_> = h
+        .iter()
+        .filter(|m| str_field(m, "body").contains("member_added"))
+        .collect();
+    assert_eq!(added.len(), 1, "announced exactly once: {h:?}");
+}

@@ -424,6 +424,7 @@ async fn removed_member_gets_nothing_more_and_receipts_are_per_member() {
         (entry["kind"].as_str(), entry["group_id"].as_str()),
         (Some("group"), Some(gid.as_str()))
     );
+    assert_eq!(entry["last_seq"], 3, "frozen at its removal: {entry}");
 
     // Added back, c gets its arrival and what follows, never what it missed.
     let r = add(&node, &a.token, &gid, &c.id).await;

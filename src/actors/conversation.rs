@@ -35,7 +35,7 @@ use super::error::ActorError;
 use super::messages::*;
 use super::registry::Registry;
 use super::route::Route;
-use super::sequence::{change_spans, next_run, Span};
+use super::sequence::{change_spans, next_run, prev_entitled, Span};
 use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
@@ -97,7 +97,8 @@ pub struct ConversationActor {
     /// Fan-out progress of every member, and of former members until they have
     /// everything up to their removal.
     members: HashMap<UserId, Member>,
-    /// Members with something left to receive, as of the last full pump.
+    /// Members with something left to receive: added when a pump finds them behind,
+    /// removed when one finds them caught up.
     behind: HashSet<UserId>,
     /// Group conversations: the group's membership version applied here, and each
     /// (former) member's stays. Empty for direct conversations, whose members are
@@ -180,14 +181,21 @@ impl ConversationActor {
         )
     }
 
-    /// The next run of seqs `user` should receive after `done`.
-    fn run_for(&self, user: UserId, done: u64) -> Option<(u64, u64)> {
-        let spans = if self.is_group() {
+    /// `user`'s stays: for a direct conversation, the whole of it.
+    fn stays(&self, user: UserId) -> &[Span] {
+        if self.is_group() {
             self.spans.get(&user).map_or(&[][..], Vec::as_slice)
         } else {
             std::slice::from_ref(&Span::ALWAYS)
-        };
-        next_run(spans, done, self.durable_seq, FANOUT_BATCH)
+        }
+    }
+
+    /// The next run of seqs `user` should receive after `done`: `(from, upto, prev)`,
+    /// `prev` being the entitled seq its inbox must already hold.
+    fn run_for(&self, user: UserId, done: u64) -> Option<(u64, u64, u64)> {
+        let stays = self.stays(user);
+        next_run(stays, done, self.durable_seq, FANOUT_BATCH)
+            .map(|(from, upto)| (from, upto, prev_entitled(stays, from)))
     }
 
     /// Where `user`'s current stay began: the first seq its history may show.
@@ -393,7 +401,7 @@ impl ConversationActor {
         let Some(m) = self.members.get(&user) else {
             return;
         };
-        let Some((from, upto)) = self.run_for(user, m.done) else {
+        let Some((from, upto, prev)) = self.run_for(user, m.done) else {
             self.behind.remove(&user);
             // A former member that has everything up to its removal is done with. (Not
             // merely "nothing due now": its removal may not be durable yet.)
@@ -435,13 +443,15 @@ impl ConversationActor {
                 conversation_id: self.id,
                 kind: record.kind.clone(),
                 peer: direct_peer(&record, user),
+                prev,
                 messages,
             },
         );
         // Each append runs as its own task and reports back through the mailbox. Not
         // `ctx.spawn`: an actix context polls every future it holds each time any of
-        // them wakes, which with a thousand appends in flight is a million polls per
-        // message.
+        // them wakes, so a thousand appends in flight cost a thousand polls per wake.
+        // (Measured: no visible change in the fan-out figure, which other costs bound;
+        // see docs/BENCHMARKS.md.)
         let me = ctx.address();
         actix::spawn(async move {
             me.do_send(Appended {
@@ -466,6 +476,12 @@ impl ConversationActor {
                 m.done = head;
                 m.retry_at = None;
                 m.backoff = RETRY_MIN;
+            }
+            // The inbox refused the run: it lacks an earlier seq (its data was restored
+            // or moved behind us). Go back to its head; the next run fills the gap.
+            Ok(UserReply::Appended { head }) if head < m.done => {
+                tracing::warn!(conversation_id = %self.id, user = %user, head, done = m.done, "inbox behind fan-out; re-sending from its head");
+                m.done = head;
             }
             Ok(_) => self.retry_later(user),
             Err(e) => {
@@ -527,12 +543,17 @@ impl ConversationActor {
         let seq = self.last_seq + 1;
         let mut spans = self.spans.clone();
         change_spans(&mut spans, &members, seq);
-        // Stays that fan-out has delivered in full need not be kept.
+        // Stays that fan-out has delivered in full need not be kept, except each
+        // member's latest: its end is the `prev` of the member's next run.
         for (user, stays) in spans.iter_mut() {
             let done = self.members.get(user).map_or(u64::MAX, |m| m.done);
-            stays.retain(|s| s.until.is_none_or(|until| until > done));
+            let last = stays.len().saturating_sub(1);
+            let mut i = 0;
+            stays.retain(|s| {
+                i += 1;
+                i - 1 == last || s.until.is_none_or(|until| until > done)
+            });
         }
-        spans.retain(|_, stays| !stays.is_empty());
         let record = ConversationRecord {
             conversation_id: self.id,
             kind: ConversationKind::Group { group_id },
@@ -591,6 +612,26 @@ impl ConversationActor {
             act.durable_seq = act.durable_seq.max(seq);
             act.pump(ctx);
             Ok(ConversationReply::Done)
+        })
+    }
+
+    /// The conversation as `user` sees it: a member, up to the last seq; a former
+    /// member of the group, up to its removal, with the watermarks it had.
+    fn view(&self, user: UserId) -> Result<ConversationReply, ActorError> {
+        let last_seq = match self.is_member(user) {
+            Ok(_) => self.durable_seq,
+            Err(ActorError::NotMember) => self
+                .spans
+                .get(&user)
+                .and_then(|s| s.last())
+                .and_then(|s| s.until)
+                .map(|until| until.min(self.durable_seq))
+                .ok_or(ActorError::NotMember)?,
+            Err(e) => return Err(e),
+        };
+        Ok(ConversationReply::View {
+            last_seq,
+            watermarks: self.watermarks.get(&user).copied().unwrap_or_default(),
         })
     }
 
@@ -834,11 +875,9 @@ impl Handler<ConversationCall> for ConversationActor {
                 limit,
             } => done(self.history(user, after, before, limit)),
             ConversationRequest::Receipts { user } => done(self.receipts(user)),
-            ConversationRequest::View { user } => {
-                done(self.is_member(user).map(|_| ConversationReply::View {
-                    last_seq: self.durable_seq,
-                    watermarks: self.watermarks.get(&user).copied().unwrap_or_default(),
-                }))
+            ConversationRequest::View { user } => done(self.view(user)),
+            ConversationRequest::IsMember { user } => {
+                done(self.is_member(user).map(|_| ConversationReply::Done))
             }
             ConversationRequest::Typing { user } => done(self.typing(user)),
             ConversationRequest::ApplyMembership {

@@ -42,7 +42,7 @@ pub enum ActorError {
     UnknownMembers(Vec<crate::ids::UserId>),
     /// The user named is not a member of the group.
     #[error("that user is not a member of this group")]
-    NotGroupMember,
+    UnknownMember,
     /// The user is already a member of the group.
     #[error("that user is already a member of this group")]
     AlreadyMember,
@@ -87,7 +87,7 @@ impl ActorError {
             ActorError::UnknownMedia => "unknown_media",
             ActorError::UnknownGroup => "unknown_group",
             ActorError::UnknownMembers(_) => "unknown_user",
-            ActorError::NotGroupMember => "unknown_member",
+            ActorError::UnknownMember => "unknown_member",
             ActorError::AlreadyMember => "already_member",
             ActorError::NotAdmin => "not_admin",
             ActorError::GroupFull(_) => "group_full",
@@ -108,7 +108,7 @@ impl ActorError {
             | ActorError::UnknownMedia
             | ActorError::UnknownGroup
             | ActorError::UnknownMembers(_)
-            | ActorError::NotGroupMember => 404,
+            | ActorError::UnknownMember => 404,
             ActorError::NotMember | ActorError::NotAdmin | ActorError::MediaForbidden => 403,
             ActorError::AlreadyMember => 409,
             ActorError::GroupFull(_) => 422,

@@ -4,20 +4,22 @@
 //! who may change them: admins add and remove, any member may leave, and when the last
 //! admin leaves the longest-standing member becomes admin.
 //!
-//! Every change goes the same way, one at a time (each call is handled atomically:
-//! the actor takes no other call until it is answered):
+//! Every call is handled atomically (the actor takes no other call until it is
+//! answered), and starts by *settling*: a change the group's conversation has not
+//! confirmed is applied first, so rules are always checked against an announced
+//! membership and changes reach the conversation in order. A change then goes:
 //! 1. check the rules (roles, size, the user exists) and build the next record with
 //!    `version + 1`;
-//! 2. write it and wait for the group commit;
+//! 2. write it (and a "pending" mark) and wait for the group commit: from here on the
+//!    change has happened, and the caller is told so;
 //! 3. apply it to the group's conversation (`ApplyMembership`), which writes the
 //!    `system` message and the new member list in one batch, so the change takes its
-//!    place in the seq order;
-//! 4. answer.
+//!    place in the seq order; then clear the mark.
 //!
-//! A crash (or an unreachable conversation) between 2 and 3 leaves a change the
-//! conversation has not confirmed: the actor re-applies it before any further change,
-//! and when it starts. Applying is idempotent by version, so a change is announced
-//! exactly once.
+//! If step 3 fails (the conversation's node is down, a crash), the change stays pending:
+//! the actor retries every [`SETTLE_RETRY`] and the node wakes every marked group at
+//! start-up. Applying is idempotent by version, so each change is announced exactly
+//! once. A retried call that finds its change already made is answered as a success.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +38,8 @@ use crate::storage::{GroupEvent, GroupMember, GroupRecord, GroupRole};
 
 const IDLE_AFTER: Duration = Duration::from_secs(60);
 const IDLE_CHECK: Duration = Duration::from_secs(10);
+/// How often a change the conversation has not confirmed is tried again.
+pub const SETTLE_RETRY: Duration = Duration::from_secs(1);
 /// Longest group name, in characters.
 pub const MAX_GROUP_NAME_CHARS: usize = 100;
 
@@ -136,34 +140,38 @@ impl GroupActor {
         }))
     }
 
-    /// Makes `next` the group: settles any earlier change, writes `next` durably, then
-    /// applies it to the conversation.
+    /// Whether the last change still waits for the conversation.
+    fn unsettled(&self) -> bool {
+        self.record
+            .as_ref()
+            .is_some_and(|r| self.applied < r.version)
+    }
+
+    /// Makes `next` the group: writes it durably (the change has happened), then
+    /// announces it in the conversation, or leaves that to the retries.
     fn change(&mut self, next: GroupRecord) -> Reply {
-        Box::pin(self.settle().then(move |res, act, _| -> Reply {
-            if let Err(e) = res {
-                return Box::pin(ready(Err(e)));
-            }
-            if let Err(e) = act.registry.store().put_group(&next) {
-                return Box::pin(ready(Err(e.into())));
-            }
-            act.record = Some(next.clone());
-            let store = act.registry.store().clone();
-            Box::pin(
-                wrap_future::<_, Self>(async move { store.commit(1).await }).then(
-                    move |res, act, ctx| -> Reply {
+        if let Err(e) = self.registry.store().put_group(&next) {
+            return Box::pin(ready(Err(e.into())));
+        }
+        self.record = Some(next.clone());
+        let store = self.registry.store().clone();
+        Box::pin(
+            wrap_future::<_, Self>(async move { store.commit(1).await }).then(
+                move |res, act, ctx| -> Reply {
+                    if let Err(e) = res {
+                        // Memory may be ahead of the disk: reload on the next call.
+                        ctx.stop();
+                        return Box::pin(ready(Err(e.into())));
+                    }
+                    Box::pin(act.settle().map(move |res, act, _| {
                         if let Err(e) = res {
-                            // Memory may be ahead of the disk: reload on the next call.
-                            ctx.stop();
-                            return Box::pin(ready(Err(e.into())));
+                            tracing::warn!(group_id = %act.id, error = %e, "membership change stored; announcing it later");
                         }
-                        Box::pin(
-                            act.settle()
-                                .map(move |res, _, _| res.map(|()| GroupReply::Group(next))),
-                        )
-                    },
-                ),
-            )
-        }))
+                        Ok(GroupReply::Group(next))
+                    }))
+                },
+            ),
+        )
     }
 
     /// Checks that every user exists (asking each one's owner), then runs `then`.
@@ -263,7 +271,13 @@ impl GroupActor {
             Err(e) => return Box::pin(ready(Err(e))),
         };
         if record.members.iter().any(|m| m.user_id == user) {
-            return Box::pin(ready(Err(ActorError::AlreadyMember)));
+            // The same admin adding the same user again: a retry of the last change.
+            let retry = record.last_by == by && record.last_event == GroupEvent::Added { user };
+            return Box::pin(ready(if retry {
+                Ok(GroupReply::Group(record.clone()))
+            } else {
+                Err(ActorError::AlreadyMember)
+            }));
         }
         let max = self.registry.limits().max_group_members;
         if record.members.len() >= max {
@@ -281,16 +295,25 @@ impl GroupActor {
     }
 
     fn remove_member(&mut self, by: UserId, user: UserId) -> Reply {
-        let record = match if by == user {
+        let allowed = if by == user {
             self.for_member(by)
         } else {
             self.for_admin(by)
-        } {
+        };
+        let record = match allowed {
             Ok(r) => r,
+            // A member that left and asks again: a retry of the last change.
+            Err(ActorError::NotMember) if by == user && self.last_was_removal(by, user) => {
+                return Box::pin(ready(self.current()));
+            }
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let Some(idx) = record.members.iter().position(|m| m.user_id == user) else {
-            return Box::pin(ready(Err(ActorError::NotGroupMember)));
+            return Box::pin(ready(if self.last_was_removal(by, user) {
+                self.current()
+            } else {
+                Err(ActorError::UnknownMember)
+            }));
         };
         let mut next = record.clone();
         next.members.remove(idx);
@@ -313,18 +336,26 @@ impl GroupActor {
         self.change(next)
     }
 
-    fn view(&mut self, user: UserId) -> Reply {
-        if let Err(e) = self.for_member(user) {
-            return Box::pin(ready(Err(e)));
-        }
-        // A change still to be applied is tried first, but the answer does not depend
-        // on it: the record is durable either way.
-        Box::pin(self.settle().map(move |res, act, _| {
-            if let Err(e) = res {
-                tracing::debug!(group_id = %act.id, error = %e, "membership change still pending");
-            }
-            act.for_member(user).map(|r| GroupReply::Group(r.clone()))
-        }))
+    /// Whether the last change was `by` removing `user` (or `user` leaving).
+    fn last_was_removal(&self, by: UserId, user: UserId) -> bool {
+        self.record.as_ref().is_some_and(|r| {
+            r.last_by == by
+                && match r.last_event {
+                    GroupEvent::Removed { user: u } | GroupEvent::Left { user: u, .. } => u == user,
+                    _ => false,
+                }
+        })
+    }
+
+    fn current(&self) -> Result<GroupReply, ActorError> {
+        self.record
+            .clone()
+            .map(GroupReply::Group)
+            .ok_or(ActorError::UnknownGroup)
+    }
+
+    fn view(&self, user: UserId) -> Result<GroupReply, ActorError> {
+        self.for_member(user).map(|r| GroupReply::Group(r.clone()))
     }
 }
 
@@ -363,14 +394,19 @@ impl Actor for GroupActor {
         metrics().actors.with_label_values(&["group"]).inc();
         let registry = Arc::clone(&self.registry);
         registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
-        // A change the conversation never confirmed (a crash in between) goes out now.
-        ctx.wait(self.settle().map(|res, act, _| {
-            if let Err(e) = res {
-                tracing::warn!(group_id = %act.id, error = %e, "cannot apply pending membership change yet");
+        // A change the conversation never confirmed (a crash, a node down) goes out as
+        // soon as it can; calls in between settle it first too.
+        ctx.run_interval(SETTLE_RETRY, |act, ctx| {
+            if act.unsettled() {
+                ctx.wait(act.settle().map(|res, act, _| {
+                    if let Err(e) = res {
+                        tracing::debug!(group_id = %act.id, error = %e, "membership change still pending");
+                    }
+                }));
             }
-        }));
+        });
         ctx.run_interval(IDLE_CHECK, |act, ctx| {
-            if act.last_call.elapsed() >= IDLE_AFTER {
+            if !act.unsettled() && act.last_call.elapsed() >= IDLE_AFTER {
                 ctx.stop();
             }
         });
@@ -397,16 +433,26 @@ impl Handler<GroupCall> for GroupActor {
             ctx.stop();
             return AtomicResponse::new(Box::pin(ready(Err(e.clone()))));
         }
-        AtomicResponse::new(match req {
-            GroupRequest::Create {
-                creator,
-                name,
-                members,
-            } => self.create(creator, name, members),
-            GroupRequest::View { user } => self.view(user),
-            GroupRequest::AddMember { by, user } => self.add_member(by, user),
-            GroupRequest::RemoveMember { by, user } => self.remove_member(by, user),
-        })
+        // Settle first: rules are checked against an announced membership, and a new
+        // change never overtakes one the conversation has not seen.
+        AtomicResponse::new(Box::pin(self.settle().then(
+            move |settled, act, _| -> Reply {
+                match req {
+                    // Reads answer from the durable record either way.
+                    GroupRequest::View { user } => Box::pin(ready(act.view(user))),
+                    GroupRequest::Settle => Box::pin(ready(settled.map(|()| GroupReply::Done))),
+                    // A change while an earlier one cannot be announced: refused (503).
+                    _ if settled.is_err() => Box::pin(ready(settled.map(|()| GroupReply::Done))),
+                    GroupRequest::Create {
+                        creator,
+                        name,
+                        members,
+                    } => act.create(creator, name, members),
+                    GroupRequest::AddMember { by, user } => act.add_member(by, user),
+                    GroupRequest::RemoveMember { by, user } => act.remove_member(by, user),
+                }
+            },
+        )))
     }
 }
 

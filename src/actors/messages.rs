@@ -138,6 +138,8 @@ pub enum UserRequest {
         kind: ConversationKind,
         /// For a direct conversation, the other member (oneself for notes to self).
         peer: Option<UserId>,
+        /// The user's last entitled seq before the run: the inbox must hold it.
+        prev: u64,
         messages: Vec<Arc<MessageRecord>>,
     },
     Conversations,
@@ -224,8 +226,13 @@ pub enum ConversationRequest {
     Receipts {
         user: UserId,
     },
-    /// The conversation as `user` sees it in `GET /conversations`.
+    /// The conversation as `user` sees it in `GET /conversations` (a former group
+    /// member sees it up to its removal).
     View {
+        user: UserId,
+    },
+    /// Answers `Done` if `user` is a current member, else `not_member`.
+    IsMember {
         user: UserId,
     },
     /// Wakes the actor so it resumes a fan-out left pending by a restart.
@@ -305,11 +312,14 @@ pub enum GroupRequest {
     AddMember { by: UserId, user: UserId },
     /// An admin removes a member, or a member removes itself (leaves).
     RemoveMember { by: UserId, user: UserId },
+    /// Applies a change the group's conversation has not confirmed (woken at start-up).
+    Settle,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GroupReply {
     Group(GroupRecord),
+    Done,
 }
 
 /// Envelope that delivers a [`UserRequest`] to a User actor.

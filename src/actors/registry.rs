@@ -198,7 +198,7 @@ impl Registry {
         let route = self.route().ok_or(ActorError::Unavailable)?;
         for conversation in self.store.media_refs(rec.media_id)? {
             if route
-                .conversation(conversation, ConversationRequest::View { user })
+                .conversation(conversation, ConversationRequest::IsMember { user })
                 .await
                 .is_ok()
             {
@@ -228,7 +228,7 @@ impl Registry {
         let direct = peer.is_some_and(|p| ConversationId::direct(user, p) == conversation);
         if !direct {
             route
-                .conversation(conversation, ConversationRequest::View { user })
+                .conversation(conversation, ConversationRequest::IsMember { user })
                 .await?;
         }
         if !self.can_read(user, &rec).await? {
@@ -263,6 +263,11 @@ impl Registry {
     /// Conversations whose fan-out was still pending when the node last stopped.
     pub fn pending_fanouts(&self) -> Result<Vec<ConversationId>, ActorError> {
         Ok(self.store.pending_fanouts()?)
+    }
+
+    /// Groups with a membership change not yet announced when the node last stopped.
+    pub fn pending_groups(&self) -> Result<Vec<GroupId>, ActorError> {
+        Ok(self.store.pending_groups()?)
     }
 
     /// The disk's last failure, while it keeps failing (for `/healthz`).

@@ -85,13 +85,30 @@ pub fn change_spans<K: Copy + Eq + std::hash::Hash>(
     }
 }
 
+/// The last seq before `from` that a member with these `spans` is entitled to (0 if
+/// none): the predecessor its inbox must already hold before it takes a run starting
+/// at `from`.
+pub fn prev_entitled(spans: &[Span], from: u64) -> u64 {
+    spans
+        .iter()
+        .filter(|s| s.from < from)
+        .map(|s| s.until.unwrap_or(u64::MAX).min(from - 1))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The inbox side of [`next_run`]: like [`accept_in_order`], but a run may start past
-/// `head + 1`. The conversation only sends a run starting at `s` once every seq before
-/// `s` that the member is entitled to is in its inbox (it chooses `s` as the first
-/// entitled seq after what the inbox confirmed), so the seqs between are not the
-/// member's: they fell between two of its stays in a group.
-pub fn accept_run(head: u64, seqs: &[u64]) -> (usize, usize) {
-    let base = seqs.first().map_or(head, |first| head.max(first - 1));
+/// `head + 1`, when the conversation says the seqs between were never the member's
+/// (they fell between two of its stays in a group). The conversation sends `prev`, the
+/// member's last entitled seq before the run ([`prev_entitled`]); the run is taken only
+/// if the inbox already has it, so a gap is still refused, never skipped.
+pub fn accept_run(head: u64, prev: u64, seqs: &[u64]) -> (usize, usize) {
+    if head < prev {
+        return (0, 0);
+    }
+    let base = seqs
+        .first()
+        .map_or(head, |first| head.max(first.saturating_sub(1)));
     accept_in_order(base, seqs)
 }
 
@@ -243,9 +260,16 @@ mod tests {
         assert_eq!(next_run(&spans, 4, 8, 100), None);
         assert_eq!(next_run(&spans, 9, 20, 5), Some((10, 14)));
         assert_eq!(next_run(&[Span::ALWAYS], 0, 0, 5), None);
-        assert_eq!(accept_run(4, &[9, 10]), (0, 2));
-        assert_eq!(accept_run(10, &[9, 10, 11]), (2, 1));
-        assert_eq!(accept_run(4, &[9, 11]), (0, 1));
+        assert_eq!(prev_entitled(&spans, 9), 4);
+        assert_eq!(prev_entitled(&spans, 12), 11);
+        assert_eq!(prev_entitled(&spans, 3), 2);
+        assert_eq!(prev_entitled(&spans, 1), 0);
+        assert_eq!(prev_entitled(&[Span::ALWAYS], 7), 6);
+        assert_eq!(accept_run(4, 4, &[9, 10]), (0, 2));
+        assert_eq!(accept_run(10, 4, &[9, 10, 11]), (2, 1));
+        assert_eq!(accept_run(4, 4, &[9, 11]), (0, 1));
+        // The inbox lacks the end of the earlier stay: refused, not skipped.
+        assert_eq!(accept_run(3, 4, &[9, 10]), (0, 0));
     }
 
     #[test]
@@ -325,7 +349,7 @@ mod tests {
                         (a, b)
                     };
                     let seqs: Vec<u64> = (batch.0..=batch.1).collect();
-                    let (skip, take) = accept_run(head, &seqs);
+                    let (skip, take) = accept_run(head, prev_entitled(&stays, batch.0), &seqs);
                     inbox.extend(&seqs[skip..skip + take]);
                     head = inbox.last().copied().unwrap_or(0);
                     done = if fault(step + 1) { 0 } else { head.max(done) };

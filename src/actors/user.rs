@@ -348,8 +348,10 @@ impl UserActor {
             .filter(|c| matches!(c.kind, ConversationKind::Group { .. }))
             .map(|c| c.conversation_id)
             .collect();
-        let route = self.registry.route();
-        let (Some(route), false, false) = (route, rest.is_empty(), groups.is_empty()) else {
+        if rest.is_empty() || groups.is_empty() {
+            return done(Ok(UserReply::Users(seen)));
+        }
+        let Some(route) = self.registry.route() else {
             return done(Ok(UserReply::Users(seen)));
         };
         let asks = groups.into_iter().map(|cid| {
@@ -491,6 +493,7 @@ impl UserActor {
         conversation_id: ConversationId,
         kind: ConversationKind,
         peer: Option<UserId>,
+        prev: u64,
         mut messages: Vec<Arc<MessageRecord>>,
     ) -> Reply {
         messages.sort_by_key(|m| m.seq);
@@ -504,7 +507,7 @@ impl UserActor {
                 kind,
                 head: 0,
             });
-        let (skip, take) = accept_run(conv.head, &seqs);
+        let (skip, take) = accept_run(conv.head, prev, &seqs);
         if take == 0 {
             // Nothing new; answer the head once whatever made it is durable.
             return self.after_commit(0, move |act, _| Ok(act.appended(conversation_id)));
@@ -742,8 +745,9 @@ impl Handler<UserCall> for UserActor {
                 conversation_id,
                 kind,
                 peer,
+                prev,
                 messages,
-            } => self.append_inbox(conversation_id, kind, peer, messages),
+            } => self.append_inbox(conversation_id, kind, peer, prev, messages),
             UserRequest::Conversations => done(Ok(UserReply::Conversations(
                 self.conversations.values().cloned().collect(),
             ))),

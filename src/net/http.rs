@@ -770,6 +770,7 @@ async fn group_call(
 ) -> Result<serde_json::Value, ApiError> {
     match state.router.group(id, req).await? {
         GroupReply::Group(g) => Ok(group_json(&g)),
+        GroupReply::Done => Err(unexpected(Ok(())).into()),
     }
 }
 

@@ -128,6 +128,19 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
             }
         });
     }
+    // Groups with a membership change not yet announced: their actors retry until the
+    // conversation confirms it.
+    let groups = registry
+        .pending_groups()
+        .map_err(|e| StorageError::Io(e.to_string()))?;
+    for id in groups {
+        let call = router.group(id, crate::actors::GroupRequest::Settle);
+        actix::spawn(async move {
+            if let Err(e) = call.await {
+                tracing::info!(group_id = %id, error = %e, "membership change still pending; its group retries");
+            }
+        });
+    }
 
     // Sessions frozen by a client that stopped reading cannot run their own heartbeat:
     // sweep them here, so their users go offline on time.

@@ -115,6 +115,7 @@ pub enum GroupRole {
     Member,
 }
 
+/// One member of a group and its role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupMember {
     pub user_id: UserId,

@@ -35,6 +35,8 @@ struct Inner {
     fanout: Tree,
     media: Tree,
     groups: Tree,
+    /// Groups with a change their conversation has not confirmed.
+    groups_pending: Tree,
     meta: Tree,
     media_dir: std::path::PathBuf,
     committer: Committer,
@@ -61,6 +63,7 @@ impl Store {
                 fanout: db.open_tree("fanout")?,
                 media: db.open_tree("media")?,
                 groups: db.open_tree("groups")?,
+                groups_pending: db.open_tree("groups_pending")?,
                 meta: db.open_tree("meta")?,
                 media_dir,
                 committer,
@@ -508,8 +511,9 @@ impl Store {
         Ok(())
     }
 
-    /// The seq up to which every member has the conversation in its inbox, if fan-out
-    /// was pending when last recorded.
+    /// If fan-out was pending when last recorded: the seq up to which every member
+    /// (current or former) had everything of its stays in its inbox; fan-out resumes
+    /// after it.
     pub fn fanout_mark(&self, id: ConversationId) -> Result<Option<u64>> {
         get(
             &self.inner.conversations,
@@ -648,10 +652,32 @@ impl Store {
         )
     }
 
+    /// Writes the group's record with a change its conversation has yet to confirm: the
+    /// pending mark goes first, so a recovered record always has it.
     pub fn put_group(&self, rec: &GroupRecord) -> Result<()> {
+        self.inner
+            .groups_pending
+            .insert(rec.group_id.as_bytes(), &[])?;
         let key = tagged(rec.group_id.as_bytes(), GROUP_RECORD);
         self.inner.groups.insert(key, encode(rec)?)?;
         Ok(())
+    }
+
+    /// Groups whose last change their conversation had not confirmed.
+    pub fn pending_groups(&self) -> Result<Vec<GroupId>> {
+        self.inner
+            .groups_pending
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let raw: [u8; 16] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("groups_pending", &k, "key length"))?;
+                Ok(GroupId(uuid::Uuid::from_bytes(raw)))
+            })
+            .collect()
     }
 
     /// The membership version the group's conversation has confirmed (0: none).
@@ -664,9 +690,11 @@ impl Store {
         .unwrap_or(0))
     }
 
+    /// Records that the conversation confirmed `version`, the group's latest.
     pub fn set_group_applied(&self, id: GroupId, version: u64) -> Result<()> {
         let key = tagged(id.as_bytes(), GROUP_APPLIED);
         self.inner.groups.insert(key, encode(&version)?)?;
+        self.inner.groups_pending.remove(id.as_bytes())?;
         Ok(())
     }
 }
