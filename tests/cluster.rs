@@ -39,6 +39,15 @@ fn statuses(view: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+async fn add_member(node: &Node, admin: &User, gid: &str, user: &str) -> Resp {
+    node.post(
+        &format!("/groups/{gid}/members"),
+        Some(&admin.token),
+        &json!({ "user_id": user }),
+    )
+    .await
+}
+
 fn ring(n: usize) -> Ring {
     Ring::new((1..=n).map(|i| format!("n{i}")), 64)
 }
@@ -497,22 +506,10 @@ async fn a_membership_change_waits_for_its_conversation_node_and_is_announced_on
 
     nodes[down].kill9();
     // The change is stored and answered; its announcement waits for the conversation.
-    let add = nodes[up]
-        .post(
-            &format!("/groups/{gid}/members"),
-            Some(&users[0].token),
-            &json!({ "user_id": newcomer.id }),
-        )
-        .await;
+    let add = add_member(&nodes[up], &users[0], &gid, &newcomer.id).await;
     assert_eq!(add.status, 200, "{}", add.text);
     // While it is unannounced, every change waits, its own retry included.
-    let again = nodes[up]
-        .post(
-            &format!("/groups/{gid}/members"),
-            Some(&users[0].token),
-            &json!({ "user_id": newcomer.id }),
-        )
-        .await;
+    let again = add_member(&nodes[up], &users[0], &gid, &newcomer.id).await;
     assert_http_error(
         &again,
         503,
@@ -521,13 +518,7 @@ async fn a_membership_change_waits_for_its_conversation_node_and_is_announced_on
     );
     // A further change cannot overtake the unannounced one.
     if let Some(second) = &second {
-        let next = nodes[up]
-            .post(
-                &format!("/groups/{gid}/members"),
-                Some(&users[0].token),
-                &json!({ "user_id": second.id }),
-            )
-            .await;
+        let next = add_member(&nodes[up], &users[0], &gid, &second.id).await;
         assert_http_error(
             &next,
             503,
@@ -552,13 +543,7 @@ async fn a_membership_change_waits_for_its_conversation_node_and_is_announced_on
     );
     nw.send_to_conv(&cid, "made it").await;
     // Now a retry of the add is answered as the success it was, not "already a member".
-    let again = nodes[up]
-        .post(
-            &format!("/groups/{gid}/members"),
-            Some(&users[0].token),
-            &json!({ "user_id": newcomer.id }),
-        )
-        .await;
+    let again = add_member(&nodes[up], &users[0], &gid, &newcomer.id).await;
     assert_eq!(again.status, 200, "a retry after the fact: {}", again.text);
     let h = nodes[0].full_history(&users[0].token, &cid).await;
     let added: Vec<_> = h

@@ -542,19 +542,7 @@ impl Store {
 
     /// Conversations whose fan-out was pending when the node last stopped.
     pub fn pending_fanouts(&self) -> Result<Vec<ConversationId>> {
-        self.inner
-            .fanout
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k?;
-                let raw: [u8; 16] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| corrupt("fanout", &k, "key length"))?;
-                Ok(ConversationId(uuid::Uuid::from_bytes(raw)))
-            })
-            .collect()
+        marked_ids(&self.inner.fanout, "fanout", ConversationId)
     }
 }
 
@@ -607,6 +595,21 @@ impl Store {
             media: count_ids(&self.inner.media)?,
         })
     }
+}
+
+/// The ids a mark tree (one 16-byte id per key) holds.
+fn marked_ids<T>(tree: &Tree, name: &'static str, wrap: fn(uuid::Uuid) -> T) -> Result<Vec<T>> {
+    tree.iter()
+        .keys()
+        .map(|k| {
+            let k = k?;
+            let raw: [u8; 16] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt(name, &k, "key length"))?;
+            Ok(wrap(uuid::Uuid::from_bytes(raw)))
+        })
+        .collect()
 }
 
 /// Number of distinct 16-byte entity ids that keys of `tree` start with.
@@ -665,19 +668,7 @@ impl Store {
 
     /// Groups whose last change their conversation had not confirmed.
     pub fn pending_groups(&self) -> Result<Vec<GroupId>> {
-        self.inner
-            .groups_pending
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k?;
-                let raw: [u8; 16] = k
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| corrupt("groups_pending", &k, "key length"))?;
-                Ok(GroupId(uuid::Uuid::from_bytes(raw)))
-            })
-            .collect()
+        marked_ids(&self.inner.groups_pending, "groups_pending", GroupId)
     }
 
     /// The membership version the group's conversation has confirmed (0: none).
