@@ -26,4 +26,4 @@ pub use records::{
     GroupRole, InboxEntry, KeyBundle, MediaRecord, MemberSpan, MessageKind, MessageRecord,
     TokenRecord, UserConversation, UserRecord, Watermarks,
 };
-pub use store::{EntityCounts, Store};
+pub use store::{EntityCounts, EntityDump, EntityKey, Store};

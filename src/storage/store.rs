@@ -597,6 +597,123 @@ impl Store {
     }
 }
 
+// ---- moving an entity -------------------------------------------------------------------
+
+/// One entity, named the way its keys are: what moves when its home changes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum EntityKey {
+    User(UserId),
+    Conversation(ConversationId),
+    Group(GroupId),
+    Handle(String),
+    Media(uuid::Uuid),
+}
+
+/// Every stored record of one entity, tree by tree, as raw keys and values (already
+/// encoded: moving an entity never decodes it). Media bytes are files and move apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntityDump {
+    pub records: Vec<(String, Vec<u8>, Vec<u8>)>,
+}
+
+impl Store {
+    /// The trees holding `entity`'s records, and the key prefix (or exact key) in each.
+    fn entity_ranges(&self, entity: &EntityKey) -> Vec<(&'static str, &Tree, Vec<u8>, bool)> {
+        let i = &self.inner;
+        match entity {
+            EntityKey::User(id) => vec![("users", &i.users, id.as_bytes().to_vec(), true)],
+            EntityKey::Conversation(id) => vec![
+                (
+                    "conversations",
+                    &i.conversations,
+                    id.as_bytes().to_vec(),
+                    true,
+                ),
+                ("fanout", &i.fanout, id.as_bytes().to_vec(), false),
+            ],
+            EntityKey::Group(id) => vec![
+                ("groups", &i.groups, id.as_bytes().to_vec(), true),
+                (
+                    "groups_pending",
+                    &i.groups_pending,
+                    id.as_bytes().to_vec(),
+                    false,
+                ),
+            ],
+            EntityKey::Handle(h) => vec![("handles", &i.handles, h.as_bytes().to_vec(), false)],
+            EntityKey::Media(id) => vec![("media", &i.media, id.as_bytes().to_vec(), true)],
+        }
+    }
+
+    fn tree_named(&self, name: &str) -> Option<&Tree> {
+        let i = &self.inner;
+        Some(match name {
+            "users" => &i.users,
+            "conversations" => &i.conversations,
+            "fanout" => &i.fanout,
+            "groups" => &i.groups,
+            "groups_pending" => &i.groups_pending,
+            "handles" => &i.handles,
+            "media" => &i.media,
+            _ => return None,
+        })
+    }
+
+    /// Reads every record of `entity`.
+    pub fn export_entity(&self, entity: &EntityKey) -> Result<EntityDump> {
+        let mut dump = EntityDump::default();
+        for (name, tree, key, is_prefix) in self.entity_ranges(entity) {
+            if is_prefix {
+                for item in tree.scan_prefix(&key) {
+                    let (k, v) = item?;
+                    dump.records
+                        .push((name.to_string(), k.to_vec(), v.to_vec()));
+                }
+            } else if let Some(v) = tree.get(&key)? {
+                dump.records.push((name.to_string(), key, v.to_vec()));
+            }
+        }
+        Ok(dump)
+    }
+
+    /// Writes an exported entity (one atomic batch per tree). Not durable until a
+    /// commit; a dump naming an unknown tree is refused whole.
+    pub fn import_entity(&self, dump: &EntityDump) -> Result<()> {
+        let mut batches: std::collections::BTreeMap<&str, Batch> = Default::default();
+        for (name, k, v) in &dump.records {
+            if self.tree_named(name).is_none() {
+                return Err(corrupt("import", k, &format!("unknown tree {name:?}")));
+            }
+            batches
+                .entry(name.as_str())
+                .or_default()
+                .insert(k.as_slice(), v.as_slice());
+        }
+        for (name, batch) in batches {
+            if let Some(tree) = self.tree_named(name) {
+                tree.apply_batch(batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every record of `entity` (once its new home has confirmed a copy).
+    pub fn delete_entity(&self, entity: &EntityKey) -> Result<()> {
+        for (_, tree, key, is_prefix) in self.entity_ranges(entity) {
+            if is_prefix {
+                let mut batch = Batch::default();
+                for k in tree.scan_prefix(&key).keys() {
+                    batch.remove(k?);
+                }
+                tree.apply_batch(batch)?;
+            } else {
+                tree.remove(&key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The ids a mark tree (one 16-byte id per key) holds.
 fn marked_ids<T>(tree: &Tree, name: &'static str, wrap: fn(uuid::Uuid) -> T) -> Result<Vec<T>> {
     tree.iter()
@@ -856,5 +973,42 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.ring_version(0xB).unwrap(), 2);
         assert_eq!(store.ring_version(0xA).unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_entity_moves_whole_between_stores() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (from, to) = (
+            Store::open(d1.path()).unwrap(),
+            Store::open(d2.path()).unwrap(),
+        );
+        let (cid, other, alice) = (
+            ConversationId(Uuid::new_v4()),
+            ConversationId(Uuid::new_v4()),
+            UserId::random(),
+        );
+        for seq in 1..=5 {
+            from.put_message(&msg(cid, seq, alice)).unwrap();
+            from.put_message(&msg(other, seq, alice)).unwrap();
+        }
+        from.mark_fanout(cid, 3).unwrap();
+        let entity = EntityKey::Conversation(cid);
+        let dump = from.export_entity(&entity).unwrap();
+        // 5 messages, 5 idempotency entries, the mark, and the fan-out index entry.
+        assert_eq!(dump.records.len(), 12);
+        to.import_entity(&dump).unwrap();
+        to.commit(1).await.unwrap();
+        assert_eq!(to.last_seq(cid).unwrap(), 5);
+        assert_eq!(to.fanout_mark(cid).unwrap(), Some(3));
+        assert_eq!(to.pending_fanouts().unwrap(), vec![cid]);
+        assert_eq!(to.last_seq(other).unwrap(), 0, "only that entity moved");
+        from.delete_entity(&entity).unwrap();
+        assert_eq!(from.last_seq(cid).unwrap(), 0);
+        assert!(from.pending_fanouts().unwrap().is_empty());
+        assert_eq!(from.last_seq(other).unwrap(), 5, "its neighbours stay");
+        let bad = EntityDump {
+            records: vec![("nope".into(), vec![1], vec![2])],
+        };
+        assert!(to.import_entity(&bad).is_err());
     }
 }
