@@ -46,6 +46,10 @@ pub struct Metrics {
     pub peer_up: IntGaugeVec,
     /// Calls to peers that failed (link down, queue full, no answer in time).
     pub peer_calls_failed: IntCounter,
+    /// Wire messages and the frames they carried, written to peers: their ratio is the
+    /// batching.
+    pub peer_messages: IntCounter,
+    pub peer_frames: IntCounter,
 }
 
 impl Metrics {
@@ -136,7 +140,19 @@ impl Metrics {
             "Calls to peer nodes that failed or timed out",
         )
         .expect("static metric");
+        let peer_messages = IntCounter::new(
+            "peer_messages_total",
+            "Wire messages written to peer links",
+        )
+        .expect("static metric");
+        let peer_frames = IntCounter::new(
+            "peer_frames_total",
+            "Frames (calls, answers, casts) written to peer links",
+        )
+        .expect("static metric");
         let m = Metrics {
+            peer_messages,
+            peer_frames,
             peer_up,
             peer_calls_failed,
             push_sent,
@@ -174,6 +190,8 @@ impl Metrics {
             Box::new(m.push_failed.clone()),
             Box::new(m.peer_up.clone()),
             Box::new(m.peer_calls_failed.clone()),
+            Box::new(m.peer_messages.clone()),
+            Box::new(m.peer_frames.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -3,8 +3,8 @@
 //! Owns every node-to-node socket. Each node keeps one outbound link per remote node
 //! (it connects to the peer's `peer_addr` and sends its calls there) and accepts the
 //! peers' links on its own `peer_addr` (it answers their calls there). On the wire:
-//! length-delimited frames (tokio-util's codec, at most [`MAX_PEER_FRAME`] bytes), each
-//! one bincode-encoded [`Frame`].
+//! length-delimited messages (tokio-util's codec, at most [`MAX_PEER_FRAME`] bytes), each
+//! holding one or more bincode-encoded [`Frame`]s, every one prefixed by its length.
 //!
 //! - **Handshake.** The connecting side sends `Hello { node, protocol, ring }` and the
 //!   accepting side answers with its own. A link is used only when both speak
@@ -18,8 +18,10 @@
 //!   goes down its pending calls fail, frames still queued for it are dropped (their
 //!   callers were answered), and the node is told ([`PeerHandler::link_changed`]) so
 //!   that sessions depending on it are cleaned up.
-//! - **Batching.** The writer feeds every frame already queued before it flushes, so a
-//!   burst (a group's fan-out to the users of one node) leaves in one write.
+//! - **Batching.** The writer packs every frame already queued into one message (up to
+//!   1 MiB) before it flushes, so a burst (a group's fan-out to the users of one node)
+//!   crosses as one message; each call in it still has its own answer, so one slow
+//!   member does not hold up the others.
 //!
 //! Limits, written down: a link's queue holds [`LINK_QUEUE`] frames; past it calls
 //! answer `owner_unavailable` and casts are dropped. Calls a peer sends us run
@@ -55,6 +57,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RETRY_MIN: Duration = Duration::from_millis(100);
 pub const RETRY_MAX: Duration = Duration::from_secs(2);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A wire message gathers queued frames up to this size (a single larger frame goes
+/// alone, up to [`MAX_PEER_FRAME`]).
+const BATCH_BYTES: usize = 1 << 20;
+/// Frames taken from the queue before the writer flushes.
+const MAX_BATCH_FRAMES: usize = 1024;
 
 /// The first frame each side sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,10 +127,8 @@ enum Frame {
     Cast(PeerCast),
 }
 
-fn encode(frame: &Frame) -> Result<Bytes, String> {
-    bincode::serde::encode_to_vec(frame, bincode::config::standard())
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+fn encode(frame: &Frame) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(frame, bincode::config::standard()).map_err(|e| e.to_string())
 }
 
 fn decode(bytes: &[u8]) -> Result<Frame, String> {
@@ -133,6 +138,38 @@ fn decode(bytes: &[u8]) -> Result<Frame, String> {
         return Err(format!("{} trailing bytes", bytes.len() - used));
     }
     Ok(frame)
+}
+
+/// Appends one frame to a wire message: its length (u32, big-endian), then its bytes.
+fn pack(out: &mut Vec<u8>, frame: &[u8]) {
+    out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    out.extend_from_slice(frame);
+}
+
+/// The frames of one wire message (one or more, each length-prefixed: a burst of calls
+/// to one node travels as one message).
+fn unpack(mut wire: &[u8]) -> Result<Vec<Frame>, String> {
+    let mut frames = Vec::new();
+    while !wire.is_empty() {
+        let (len, rest) = wire
+            .split_first_chunk::<4>()
+            .ok_or("truncated frame length")?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let body = rest.get(..len).ok_or("frame longer than its message")?;
+        frames.push(decode(body)?);
+        wire = &rest[len..];
+    }
+    if frames.is_empty() {
+        return Err("empty message".into());
+    }
+    Ok(frames)
+}
+
+/// A wire message holding the one frame.
+fn single(frame: &Frame) -> Result<Bytes, String> {
+    let mut out = Vec::new();
+    pack(&mut out, &encode(frame)?);
+    Ok(Bytes::from(out))
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -336,7 +373,7 @@ impl PeerLinks {
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         let mut wire = Framed::new(stream, codec());
-        wire.send(encode(&Frame::Hello(self.me.clone()))?)
+        wire.send(single(&Frame::Hello(self.me.clone()))?)
             .await
             .map_err(|e| e.to_string())?;
         let theirs = read_hello(&mut wire).await?;
@@ -395,15 +432,18 @@ impl PeerLinks {
                         Some(Err(e)) => return e.to_string(),
                         None => return "closed by peer".into(),
                     };
-                    match decode(&bytes) {
-                        Ok(Frame::Reply { id, result }) => {
-                            let waiting = link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                            if let Some(tx) = waiting {
-                                let _ = tx.send(result);
-                            }
+                    let frames = match unpack(&bytes) {
+                        Ok(f) => f,
+                        Err(e) => return format!("undecodable message: {e}"),
+                    };
+                    for frame in frames {
+                        let Frame::Reply { id, result } = frame else {
+                            return format!("unexpected frame on an outbound link: {frame:?}");
+                        };
+                        let waiting = link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(tx) = waiting {
+                            let _ = tx.send(result);
                         }
-                        Ok(other) => return format!("unexpected frame on an outbound link: {other:?}"),
-                        Err(e) => return format!("undecodable frame: {e}"),
                     }
                 }
             }
@@ -439,7 +479,7 @@ impl PeerLinks {
         let mut wire = Framed::new(stream, codec());
         let theirs = read_hello(&mut wire).await?;
         // Answer with our Hello even when refusing, so the other side can say why.
-        wire.send(encode(&Frame::Hello(self.me.clone()))?)
+        wire.send(single(&Frame::Hello(self.me.clone()))?)
             .await
             .map_err(|e| e.to_string())?;
         if let Err(e) = self.check_hello(&theirs, None) {
@@ -465,18 +505,30 @@ impl PeerLinks {
             let Some(handler) = self.handler() else {
                 break Ok(());
             };
-            match decode(&bytes) {
-                Ok(Frame::Call { id, call }) => {
-                    let answer = handler.call(call);
-                    let tx = tx.clone();
-                    actix::spawn(async move {
-                        let result = answer.await;
-                        let _ = tx.send(Frame::Reply { id, result }).await;
-                    });
+            let frames = match unpack(&bytes) {
+                Ok(f) => f,
+                Err(e) => break Err(format!("undecodable message: {e}")),
+            };
+            let mut bad = None;
+            for frame in frames {
+                match frame {
+                    Frame::Call { id, call } => {
+                        let answer = handler.call(call);
+                        let tx = tx.clone();
+                        actix::spawn(async move {
+                            let result = answer.await;
+                            let _ = tx.send(Frame::Reply { id, result }).await;
+                        });
+                    }
+                    Frame::Cast(cast) => handler.cast(&from, cast),
+                    other => {
+                        bad = Some(format!("unexpected frame on an inbound link: {other:?}"));
+                        break;
+                    }
                 }
-                Ok(Frame::Cast(cast)) => handler.cast(&from, cast),
-                Ok(other) => break Err(format!("unexpected frame on an inbound link: {other:?}")),
-                Err(e) => break Err(format!("undecodable frame: {e}")),
+            }
+            if let Some(e) = bad {
+                break Err(e);
             }
         };
         writer.abort();
@@ -496,32 +548,50 @@ async fn read_hello(wire: &mut Wire) -> Result<Hello, String> {
         .map_err(|_| "no hello in time".to_string())?
         .ok_or("closed before hello")?
         .map_err(|e| e.to_string())?;
-    match decode(&first)? {
-        Frame::Hello(h) => Ok(h),
+    match unpack(&first)?.into_iter().next() {
+        Some(Frame::Hello(h)) => Ok(h),
         other => Err(format!("expected hello, got {other:?}")),
     }
 }
 
-/// Writes `first` and every frame already queued behind it, then flushes once.
+/// Writes `first` and every frame already queued behind it, packed into as few wire
+/// messages as [`BATCH_BYTES`] allows, then flushes once: a group's fan-out to the users
+/// of one node leaves as one message.
 async fn write_batch(
     sink: &mut SplitSink<Wire, Bytes>,
     first: Frame,
     rx: &mut mpsc::Receiver<Frame>,
 ) -> Result<(), String> {
     let mut next = Some(first);
-    let mut written = 0;
+    let mut message: Vec<u8> = Vec::new();
+    let mut frames = 0;
     while let Some(frame) = next {
         match encode(&frame) {
-            Ok(bytes) => sink.feed(bytes).await.map_err(|e| e.to_string())?,
+            Ok(bytes) => {
+                if !message.is_empty() && message.len() + bytes.len() + 4 > BATCH_BYTES {
+                    metrics().peer_messages.inc();
+                    sink.feed(Bytes::from(std::mem::take(&mut message)))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                pack(&mut message, &bytes);
+                metrics().peer_frames.inc();
+            }
             // A frame that cannot be encoded is a bug; its caller times out.
             Err(e) => tracing::error!(error = %e, "cannot encode a peer frame"),
         }
-        written += 1;
-        next = if written < 1024 {
+        frames += 1;
+        next = if frames < MAX_BATCH_FRAMES {
             rx.try_recv().ok()
         } else {
             None
         };
+    }
+    if !message.is_empty() {
+        metrics().peer_messages.inc();
+        sink.feed(Bytes::from(message))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     sink.flush().await.map_err(|e| e.to_string())
 }
@@ -554,10 +624,52 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn messages_pack_several_frames() {
+        let mut message = Vec::new();
+        for id in 0..3 {
+            pack(
+                &mut message,
+                &encode(&Frame::Reply {
+                    id,
+                    result: Ok(PeerReply::Done),
+                })
+                .unwrap(),
+            );
+        }
+        let ids: Vec<u64> = unpack(&message)
+            .unwrap()
+            .into_iter()
+            .map(|f| match f {
+                Frame::Reply { id, .. } => id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![0, 1, 2]);
+        assert!(unpack(&message[..message.len() - 1]).is_err(), "cut short");
+        assert!(unpack(&[]).is_err());
+        assert!(matches!(
+            unpack(
+                &single(&Frame::Cast(PeerCast::Notify {
+                    user: UserId::random(),
+                    event: SessionEvent::Close {
+                        code: 1000,
+                        reason: String::new()
+                    },
+                }))
+                .unwrap()
+            )
+            .unwrap()
+            .as_slice(),
+            [Frame::Cast(_)]
+        ));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes);
+            let _ = unpack(&bytes);
         }
     }
 }
