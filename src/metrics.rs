@@ -140,11 +140,9 @@ impl Metrics {
             "Calls to peer nodes that failed or timed out",
         )
         .expect("static metric");
-        let peer_messages = IntCounter::new(
-            "peer_messages_total",
-            "Wire messages written to peer links",
-        )
-        .expect("static metric");
+        let peer_messages =
+            IntCounter::new("peer_messages_total", "Wire messages written to peer links")
+                .expect("static metric");
         let peer_frames = IntCounter::new(
             "peer_frames_total",
             "Frames (calls, answers, casts) written to peer links",

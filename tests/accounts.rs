@@ -42,6 +42,11 @@ async fn register_login_and_lookup() {
     // Duplicate handle.
     let dup = node.create_user(&handle, "otherpassword").await;
     assert_http_error(&dup, 409, "handle_taken", "duplicate handle");
+    // The same registration again (a retry whose first answer was lost) is answered
+    // as the first was, creating nothing.
+    let again = node.create_user(&handle, "password123").await;
+    assert_eq!(again.status, 201, "retried registration: {}", again.text);
+    assert_eq!(again.body["user_id"].as_str(), Some(id.as_str()));
 
     // Login.
     let before = now_ms();

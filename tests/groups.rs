@@ -301,10 +301,17 @@ async fn removed_member_gets_nothing_more_and_receipts_are_per_member() {
         );
     }
 
-    // Receipts are per member and go to the others.
+    // Receipts are per member and go to the others; reading implies delivery, and both
+    // are announced, delivered first.
     bw.send_json(&json!({"type":"read","conversation_id":cid,"seq":2}))
         .await;
     for ws in [&mut aw, &mut cw] {
+        let d = ws.recv_type("receipt").await;
+        assert_eq!(
+            (d["status"].as_str(), d["seq"].as_u64()),
+            (Some("delivered"), Some(2)),
+            "{d}"
+        );
         let r = ws.recv_type("receipt").await;
         assert_eq!(
             (
@@ -369,7 +376,8 @@ async fn removed_member_gets_nothing_more_and_receipts_are_per_member() {
     aw.recv_type("typing").await;
     bw.send_json(&json!({"type":"read","conversation_id":cid,"seq":4}))
         .await;
-    aw.recv_type("receipt").await;
+    aw.recv_type("receipt").await; // delivered 4
+    aw.recv_type("receipt").await; // read 4
     cw.ping_pong().await;
     cw.expect_no_frame_for(QUIET_MS).await;
 

@@ -92,6 +92,19 @@ async fn upload_then_ranged_reads_of_a_20_mib_file() {
     )
     .await;
     assert_eq!(past.status(), 416, "a range past the end");
+    assert_eq!(
+        past.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("bytes */{}", bytes.len()).as_str())
+    );
+    let err: serde_json::Value = past.json().await.expect("a JSON error body");
+    assert_eq!(err["error"]["code"], "range_not_satisfiable", "{err}");
+    assert!(err["error"]["message"].is_string());
+    // A malformed Range is ignored: the whole object.
+    let whole = get_media(&node, &a.token, &id, Some("pages=1-2")).await;
+    assert_eq!(whole.status(), 200, "a malformed Range");
+    assert_eq!(whole.bytes().await.expect("body").len(), bytes.len());
 
     // The same bytes again: a new id, one stored file.
     let again = upload(&node, &a.token, bytes, "video/mp4").await;

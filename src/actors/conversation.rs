@@ -666,10 +666,19 @@ impl ConversationActor {
         if !rose {
             return done(Ok(ConversationReply::Done));
         }
-        // Reading implies delivery.
+        // Reading implies delivery: a read that raises the delivered watermark too
+        // announces both, delivered first.
+        let delivered_rose = seq > wm.delivered;
         wm.delivered = wm.delivered.max(seq);
         if status == ReceiptStatus::Read {
             wm.read = seq;
+        }
+        let mut statuses = Vec::with_capacity(2);
+        if delivered_rose {
+            statuses.push(ReceiptStatus::Delivered);
+        }
+        if status == ReceiptStatus::Read {
+            statuses.push(ReceiptStatus::Read);
         }
         if let Err(e) = self.registry.store().put_watermarks(self.id, user, wm) {
             return done(Err(e.into()));
@@ -684,17 +693,15 @@ impl ConversationActor {
             let (Some(route), Some(record)) = (act.registry.route(), &act.record) else {
                 return Ok(ConversationReply::Done);
             };
-            notify_others(
-                route.as_ref(),
-                &record.members,
-                user,
-                SessionEvent::Receipt {
+            for status in statuses {
+                let event = SessionEvent::Receipt {
                     conversation_id: act.id,
                     user_id: user,
                     status,
                     seq,
-                },
-            );
+                };
+                notify_others(route.as_ref(), &record.members, user, event);
+            }
             Ok(ConversationReply::Done)
         })
     }

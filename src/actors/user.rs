@@ -196,6 +196,20 @@ impl UserActor {
         })
     }
 
+    fn check_password(&self, password: String) -> Reply {
+        let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
+            return done(Err(ActorError::InvalidCredentials));
+        };
+        let verify = auth::verify_password_bounded(password, phc);
+        Box::pin(wrap_future::<_, Self>(verify).map(|ok, _, _| {
+            if ok {
+                Ok(UserReply::Done)
+            } else {
+                Err(ActorError::InvalidCredentials)
+            }
+        }))
+    }
+
     fn login(&mut self, password: String) -> Reply {
         let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
             return done(Err(ActorError::InvalidCredentials));
@@ -702,7 +716,9 @@ impl Handler<UserCall> for UserActor {
                     display_name,
                     password_hash,
                 } => self.create(handle, display_name, password_hash),
-                UserRequest::Login { .. } => done(Err(ActorError::InvalidCredentials)),
+                UserRequest::Login { .. } | UserRequest::CheckPassword { .. } => {
+                    done(Err(ActorError::InvalidCredentials))
+                }
                 UserRequest::Authenticate { .. }
                 | UserRequest::Logout { .. }
                 | UserRequest::Attach { .. } => done(Err(ActorError::Unauthorized)),
@@ -716,6 +732,7 @@ impl Handler<UserCall> for UserActor {
                 password_hash,
             } => self.create(handle, display_name, password_hash),
             UserRequest::Login { password } => self.login(password),
+            UserRequest::CheckPassword { password } => self.check_password(password),
             UserRequest::Authenticate { token } => done(if self.token_valid(&token) {
                 Ok(UserReply::Done)
             } else {

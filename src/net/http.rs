@@ -328,17 +328,33 @@ async fn register(
         ));
     }
     // Hashing is deliberately slow: keep it off the worker and the actors.
-    let password_hash = auth::hash_password_bounded(body.password)
+    let password_hash = auth::hash_password_bounded(body.password.clone())
         .await
         .map_err(|e| ApiError::new(500, "internal", e))?;
     let user_id = UserId::random();
     let router = &state.router;
-    if router
-        .claim_handle(body.handle.clone(), user_id)
-        .await?
-        .is_some()
-    {
-        return Err(ActorError::HandleTaken.into());
+    if let Some(owner) = router.claim_handle(body.handle.clone(), user_id).await? {
+        // Taken: by someone else, or by an earlier attempt of this very registration
+        // whose answer was lost (its owner did not answer in time). The same password
+        // proves the latter: answer as the first attempt would have.
+        let same = router
+            .user(
+                owner,
+                UserRequest::CheckPassword {
+                    password: body.password,
+                },
+            )
+            .await;
+        return match same {
+            Ok(_) => match router.user(owner, UserRequest::Profile).await? {
+                UserReply::Profile(p) => Ok(registered(&p)),
+                _ => Err(unexpected(Ok(())).into()),
+            },
+            Err(ActorError::InvalidCredentials | ActorError::UnknownUser) => {
+                Err(ActorError::HandleTaken.into())
+            }
+            Err(e) => Err(e.into()),
+        };
     }
     let created = router
         .user(
@@ -351,16 +367,24 @@ async fn register(
         )
         .await;
     match created {
-        Ok(UserReply::Profile(p)) => Ok(HttpResponse::Created().json(json!({
-            "user_id": p.user_id,
-            "handle": p.handle,
-            "display_name": p.display_name,
-        }))),
+        Ok(UserReply::Profile(p)) => Ok(registered(&p)),
+        // No answer in time: the user may exist. Keep the handle, so a retry with the
+        // same password finds it (above).
+        Err(ActorError::Unavailable) => Err(ActorError::Unavailable.into()),
         other => {
             let _ = router.release_handle(body.handle, user_id).await;
             Err(unexpected(other.map(|_| ())).into())
         }
     }
+}
+
+/// The answer to a registration.
+fn registered(p: &UserProfile) -> HttpResponse {
+    HttpResponse::Created().json(json!({
+        "user_id": p.user_id,
+        "handle": p.handle,
+        "display_name": p.display_name,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -514,13 +538,43 @@ async fn download_media(
         return proxy_media(&state, home, id, &req).await;
     }
     let (rec, file) = state.router.registry().readable_media(me.user, id).await?;
-    let named = actix_files::NamedFile::open_async(&file)
-        .await
-        .map_err(|e| ApiError::new(500, "storage_error", format!("media file: {e}")))?;
-    let mime = rec
+    let mime: actix_web::mime::Mime = rec
         .content_type
         .parse()
         .unwrap_or(actix_web::mime::APPLICATION_OCTET_STREAM);
+    let media_file =
+        |e: std::io::Error| ApiError::new(500, "storage_error", format!("media file: {e}"));
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .map(|v| v.to_str().unwrap_or_default());
+    match range {
+        // A malformed Range is ignored (RFC 9110 14.2): the whole object. (Parsed
+        // against an unbounded size, only a syntax error can fail.)
+        Some(r) if actix_files::HttpRange::parse(r, u64::MAX).is_err() => {
+            let bytes = tokio::fs::File::open(&file).await.map_err(media_file)?;
+            return Ok(HttpResponse::Ok()
+                .content_type(mime)
+                .insert_header((header::ACCEPT_RANGES, "bytes"))
+                .body(actix_web::body::SizedStream::new(
+                    rec.size,
+                    tokio_util::io::ReaderStream::new(bytes),
+                )));
+        }
+        // Well-formed but past the end: 416, with the contract's error body.
+        Some(r) if actix_files::HttpRange::parse(r, rec.size).is_err() => {
+            return Ok(HttpResponse::RangeNotSatisfiable()
+                .insert_header((header::CONTENT_RANGE, format!("bytes */{}", rec.size)))
+                .json(json!({"error": {
+                    "code": "range_not_satisfiable",
+                    "message": format!("the range starts past the end ({} bytes)", rec.size),
+                }})));
+        }
+        _ => {}
+    }
+    let named = actix_files::NamedFile::open_async(&file)
+        .await
+        .map_err(media_file)?;
     Ok(named
         .set_content_type(mime)
         .disable_content_disposition()

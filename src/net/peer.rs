@@ -13,7 +13,9 @@
 //! - **Calls** carry a correlation id; the answer comes back on the same connection.
 //!   A caller waits at most [`CALL_TIMEOUT`]; a link that is down answers
 //!   `owner_unavailable` at once, so nothing hangs on a dead node.
-//! - **Casts** (events for sessions, best-effort notifications) expect no answer.
+//! - **Casts** (events for sessions, best-effort notifications) expect no answer. While
+//!   our link to a peer is not up but its link to us is (a restarted peer dials first),
+//!   casts travel back over its link.
 //! - **Reconnect** with exponential backoff ([`RETRY_MIN`]..[`RETRY_MAX`]). When a link
 //!   goes down its pending calls fail, frames still queued for it are dropped (their
 //!   callers were answered), and the node is told ([`PeerHandler::link_changed`]) so
@@ -62,6 +64,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const BATCH_BYTES: usize = 1 << 20;
 /// Frames taken from the queue before the writer flushes.
 const MAX_BATCH_FRAMES: usize = 1024;
+/// Numbers inbound connections, so a closing one never unsets its successor.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// The first frame each side sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +201,12 @@ struct Link {
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<PeerReply, ActorError>>>>,
     next_id: AtomicU64,
     up: AtomicBool,
+    /// Cuts the reconnect backoff short: the peer just dialled us, so it is back.
+    wake: tokio::sync::Notify,
+    /// The writer of the peer's own link to us, while it is connected: casts take it
+    /// when our outbound link is not up (yet). A restarted peer's link to us comes up
+    /// before ours to it, and events for its sessions must not be lost in between.
+    reverse: Mutex<Option<(u64, mpsc::Sender<Frame>)>>,
 }
 
 impl Link {
@@ -232,6 +242,8 @@ impl PeerLinks {
                 pending: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 up: AtomicBool::new(false),
+                wake: tokio::sync::Notify::new(),
+                reverse: Mutex::new(None),
             });
             rxs.push(LinkRx {
                 link: Arc::clone(&link),
@@ -320,12 +332,19 @@ impl PeerLinks {
         })
     }
 
-    /// Sends a one-way message; `false` if the link is down or its queue is full.
+    /// Sends a one-way message, over our link to `node` or, while that is not up, over
+    /// its link to us; `false` if neither is up or the queue is full.
     pub fn cast(&self, node: &str, cast: PeerCast) -> bool {
-        self.links
-            .get(node)
-            .filter(|l| l.up.load(Ordering::Acquire))
-            .is_some_and(|l| l.tx.try_send(Frame::Cast(cast)).is_ok())
+        let Some(link) = self.links.get(node) else {
+            return false;
+        };
+        if link.up.load(Ordering::Acquire) {
+            return link.tx.try_send(Frame::Cast(cast)).is_ok();
+        }
+        let reverse = link.reverse.lock().unwrap_or_else(|p| p.into_inner());
+        reverse
+            .as_ref()
+            .is_some_and(|(_, tx)| tx.try_send(Frame::Cast(cast)).is_ok())
     }
 
     /// Connects, serves, and reconnects the link to one peer, for the node's life.
@@ -361,7 +380,10 @@ impl PeerLinks {
                 }
                 Err(e) => tracing::debug!(peer = %link.node, error = %e, "peer still unreachable"),
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = link.wake.notified() => {}
+            }
             backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
@@ -437,12 +459,20 @@ impl PeerLinks {
                         Err(e) => return format!("undecodable message: {e}"),
                     };
                     for frame in frames {
-                        let Frame::Reply { id, result } = frame else {
-                            return format!("unexpected frame on an outbound link: {frame:?}");
-                        };
-                        let waiting = link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        if let Some(tx) = waiting {
-                            let _ = tx.send(result);
+                        match frame {
+                            Frame::Reply { id, result } => {
+                                let waiting = link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                                if let Some(tx) = waiting {
+                                    let _ = tx.send(result);
+                                }
+                            }
+                            // The peer's casts, while its own link to us is not up.
+                            Frame::Cast(cast) => {
+                                if let Some(h) = self.handler() {
+                                    h.cast(&link.node, cast);
+                                }
+                            }
+                            other => return format!("unexpected frame on an outbound link: {other:?}"),
                         }
                     }
                 }
@@ -496,6 +526,13 @@ impl PeerLinks {
                 }
             }
         });
+        // The peer is up: offer this connection for our casts, and dial it back now.
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let link = self.links.get(&from).cloned();
+        if let Some(link) = &link {
+            *link.reverse.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, tx.clone()));
+            link.wake.notify_one();
+        }
         let result = loop {
             let bytes = match stream.next().await {
                 Some(Ok(b)) => b,
@@ -532,6 +569,12 @@ impl PeerLinks {
             }
         };
         writer.abort();
+        if let Some(link) = &link {
+            let mut reverse = link.reverse.lock().unwrap_or_else(|p| p.into_inner());
+            if reverse.as_ref().is_some_and(|(c, _)| *c == conn) {
+                *reverse = None;
+            }
+        }
         result
     }
 }
