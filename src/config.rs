@@ -31,6 +31,9 @@ pub enum ConfigError {
     Node { path: String, message: String },
 }
 
+/// Largest `max_message_bytes` a cluster of several nodes accepts (see `parse`).
+pub const MAX_CLUSTER_MESSAGE_BYTES: usize = 128 * 1024;
+
 /// The whole file, validated.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -247,6 +250,13 @@ impl ClusterConfig {
                 data_dir,
             });
         }
+        // Between nodes, a page of history (500 messages) or an inbox append travels as
+        // one peer frame of at most 64 MiB: bodies must fit 500 to a frame.
+        if nodes.len() > 1 && raw.limits.max_message_bytes > MAX_CLUSTER_MESSAGE_BYTES {
+            return Err(invalid(format!(
+                "limits.max_message_bytes: at most {MAX_CLUSTER_MESSAGE_BYTES} in a cluster of several nodes"
+            )));
+        }
         Ok(ClusterConfig {
             cluster,
             limits: raw.limits,
@@ -380,6 +390,10 @@ data_dir = "data/n1"
                 "already used",
             ),
             ("[cluster]\n".to_string(), "no [[node]]"),
+            (
+                format!("{ONE}\n[limits]\nmax_message_bytes = 200000\n[[node]]\nid = \"n2\"\nclient_addr = \"127.0.0.1:1\"\npeer_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\n"),
+                "in a cluster",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(&text).expect_err(needle).to_string();

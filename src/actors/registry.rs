@@ -115,6 +115,16 @@ impl Registry {
         map.get(&id).filter(|a| a.connected()).cloned()
     }
 
+    /// How many entities this node stores, counted on the blocking pool (it seeks
+    /// through the whole key space, one seek per entity).
+    pub async fn entity_count(&self) -> Result<u64, ActorError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.entity_counts().map(|c| c.total()))
+            .await
+            .map_err(|e| ActorError::Internal(e.to_string()))?
+            .map_err(ActorError::from)
+    }
+
     /// Every running user actor on this node.
     pub fn running_users(&self) -> Vec<Addr<UserActor>> {
         let map = self.users.lock().unwrap_or_else(|p| p.into_inner());
@@ -196,16 +206,17 @@ impl Registry {
             return Ok(true);
         }
         let route = self.route().ok_or(ActorError::Unavailable)?;
-        for conversation in self.store.media_refs(rec.media_id)? {
-            if route
-                .conversation(conversation, ConversationRequest::IsMember { user })
-                .await
-                .is_ok()
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        // Asked side by side: a media forwarded into many conversations costs one
+        // round of calls, not one per conversation in a row.
+        let asks = self
+            .store
+            .media_refs(rec.media_id)?
+            .into_iter()
+            .map(|c| route.conversation(c, ConversationRequest::IsMember { user }));
+        Ok(futures_util::future::join_all(asks)
+            .await
+            .iter()
+            .any(Result::is_ok))
     }
 
     /// Lets `user` attach the media to a message in `conversation`: the media exists,

@@ -368,9 +368,12 @@ async fn register(
         .await;
     match created {
         Ok(UserReply::Profile(p)) => Ok(registered(&p)),
-        // No answer in time: the user may exist. Keep the handle, so a retry with the
-        // same password finds it (above).
-        Err(ActorError::Unavailable) => Err(ActorError::Unavailable.into()),
+        // No answer in time from a reachable home: the user may exist. Keep the
+        // handle, so a retry with the same password finds it (above). (Unreachable:
+        // the call never left, and the handle is released below.)
+        Err(ActorError::Unavailable) if router.reachable(user_id) => {
+            Err(ActorError::Unavailable.into())
+        }
         other => {
             let _ = router.release_handle(body.handle, user_id).await;
             Err(unexpected(other.map(|_| ())).into())
@@ -535,6 +538,10 @@ async fn download_media(
 ) -> Result<HttpResponse, ApiError> {
     let id: uuid::Uuid = parse_id(&path, "media_id")?;
     if let Some(home) = state.router.media_elsewhere(&id) {
+        // Proxied once at most: two nodes whose rings disagree must not bounce it.
+        if req.headers().contains_key(PROXIED) {
+            return Err(ActorError::Unavailable.into());
+        }
         return proxy_media(&state, home, id, &req).await;
     }
     let (rec, file) = state.router.registry().readable_media(me.user, id).await?;
@@ -581,6 +588,9 @@ async fn download_media(
         .into_response(&req))
 }
 
+/// Marks a media read one node makes of another on a client's behalf.
+const PROXIED: &str = "x-switchboard-proxied";
+
 /// Reads a media object from its home node for the client, streaming the answer
 /// through: the home checks the client's token and access itself, and handles `Range`.
 async fn proxy_media(
@@ -589,7 +599,10 @@ async fn proxy_media(
     id: uuid::Uuid,
     req: &HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let mut ask = state.http.get(format!("http://{home}/api/v1/media/{id}"));
+    let mut ask = state
+        .http
+        .get(format!("http://{home}/api/v1/media/{id}"))
+        .header(PROXIED, "1");
     if let Some(token) = request_token(req) {
         ask = ask.bearer_auth(token);
     }

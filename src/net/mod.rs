@@ -176,6 +176,8 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         http: reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(std::time::Duration::from_secs(2))
+            // A home that stops sending (headers or body) ends the read, not the node.
+            .read_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| NetError::Io(std::io::Error::other(e)))?,
     };

@@ -18,8 +18,15 @@
 //!   casts travel back over its link.
 //! - **Reconnect** with exponential backoff ([`RETRY_MIN`]..[`RETRY_MAX`]). When a link
 //!   goes down its pending calls fail, frames still queued for it are dropped (their
-//!   callers were answered), and the node is told ([`PeerHandler::link_changed`]) so
-//!   that sessions depending on it are cleaned up.
+//!   callers were answered; each frame carries the connection generation it was queued
+//!   for, so none is sent late on a later connection), and the node is told
+//!   ([`PeerHandler::link_changed`]) so that sessions depending on it are cleaned up.
+//! - **Liveness.** The dialling side pings every [`PING_EVERY`]; a link that hears
+//!   nothing for [`PEER_SILENCE`] is down, so a frozen or vanished peer is noticed in
+//!   seconds, not at the TCP timeout.
+//! - **Size.** A frame over [`MAX_PEER_FRAME`] never takes a link down: an answer is
+//!   replaced by an error answer, anything else is dropped. (Config keeps bodies small
+//!   enough in a cluster that pages and appends fit.)
 //! - **Batching.** The writer packs every frame already queued into one message (up to
 //!   1 MiB) before it flushes, so a burst (a group's fan-out to the users of one node)
 //!   crosses as one message; each call in it still has its own answer, so one slow
@@ -64,6 +71,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const BATCH_BYTES: usize = 1 << 20;
 /// Frames taken from the queue before the writer flushes.
 const MAX_BATCH_FRAMES: usize = 1024;
+/// The dialling side pings this often...
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// ...and a link that heard nothing for this long is down (a frozen or vanished peer
+/// does not close its sockets).
+const PEER_SILENCE: Duration = Duration::from_secs(3);
 /// Numbers inbound connections, so a closing one never unsets its successor.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -129,7 +141,13 @@ enum Frame {
         result: Result<PeerReply, ActorError>,
     },
     Cast(PeerCast),
+    /// Liveness, every [`PING_EVERY`] from the dialling side; answered with `Pong`.
+    Ping,
+    Pong,
 }
+
+/// A frame queued for a link, tagged with the link's generation when it was queued.
+type Queued = (u64, Frame);
 
 fn encode(frame: &Frame) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(frame, bincode::config::standard()).map_err(|e| e.to_string())
@@ -197,7 +215,10 @@ pub trait PeerHandler: Send + Sync + 'static {
 struct Link {
     node: String,
     addr: SocketAddr,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Queued>,
+    /// Counts connections. A frame queued for an earlier one is dropped, never sent
+    /// late on a later one: its caller was already answered.
+    generation: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<PeerReply, ActorError>>>>,
     next_id: AtomicU64,
     up: AtomicBool,
@@ -206,7 +227,24 @@ struct Link {
     /// The writer of the peer's own link to us, while it is connected: casts take it
     /// when our outbound link is not up (yet). A restarted peer's link to us comes up
     /// before ours to it, and events for its sessions must not be lost in between.
-    reverse: Mutex<Option<(u64, mpsc::Sender<Frame>)>>,
+    reverse: Mutex<Option<(u64, mpsc::Sender<Queued>)>>,
+}
+
+/// Removes a call's pending entry however its future ends (answered, timed out, or
+/// dropped by its caller).
+struct Pending {
+    link: Arc<Link>,
+    id: u64,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.link
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl Link {
@@ -239,6 +277,7 @@ impl PeerLinks {
                 node: node.clone(),
                 addr,
                 tx,
+                generation: AtomicU64::new(0),
                 pending: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 up: AtomicBool::new(false),
@@ -306,25 +345,22 @@ impl PeerLinks {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
+        let pending = Pending {
+            link: Arc::clone(link),
+            id,
+        };
         // Queued now, so calls made in order leave in order.
-        let queued = link.tx.try_send(Frame::Call { id, call });
-        let link = Arc::clone(link);
+        let generation = link.generation.load(Ordering::Acquire);
+        let queued = link.tx.try_send((generation, Frame::Call { id, call }));
         Box::pin(async move {
-            let forget = || {
-                link.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-            };
+            let _pending = pending;
             if queued.is_err() {
-                forget();
                 metrics().peer_calls_failed.inc();
                 return Err(ActorError::Unavailable);
             }
             match tokio::time::timeout(CALL_TIMEOUT, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) | Err(_) => {
-                    forget();
                     metrics().peer_calls_failed.inc();
                     Err(ActorError::Unavailable)
                 }
@@ -339,12 +375,13 @@ impl PeerLinks {
             return false;
         };
         if link.up.load(Ordering::Acquire) {
-            return link.tx.try_send(Frame::Cast(cast)).is_ok();
+            let generation = link.generation.load(Ordering::Acquire);
+            return link.tx.try_send((generation, Frame::Cast(cast))).is_ok();
         }
         let reverse = link.reverse.lock().unwrap_or_else(|p| p.into_inner());
         reverse
             .as_ref()
-            .is_some_and(|(_, tx)| tx.try_send(Frame::Cast(cast)).is_ok())
+            .is_some_and(|(_, tx)| tx.try_send((0, Frame::Cast(cast))).is_ok())
     }
 
     /// Connects, serves, and reconnects the link to one peer, for the node's life.
@@ -357,13 +394,16 @@ impl PeerLinks {
                 Ok(wire) => {
                     backoff = RETRY_MIN;
                     warned = false;
+                    let generation = link.generation.fetch_add(1, Ordering::AcqRel) + 1;
                     link.up.store(true, Ordering::Release);
                     metrics().peer_up.with_label_values(&[&link.node]).set(1);
                     tracing::info!(peer = %link.node, "peer link up");
                     if let Some(h) = self.handler() {
                         h.link_changed(&link.node, true);
                     }
-                    let why = self.serve_outbound(&link, wire, &mut rx.rx).await;
+                    let why = self
+                        .serve_outbound(&link, wire, &mut rx.rx, generation)
+                        .await;
                     link.up.store(false, Ordering::Release);
                     metrics().peer_up.with_label_values(&[&link.node]).set(0);
                     tracing::warn!(peer = %link.node, reason = %why, "peer link down");
@@ -432,19 +472,31 @@ impl PeerLinks {
         Ok(())
     }
 
-    /// Writes queued frames and reads answers until the connection fails.
+    /// Writes queued frames and reads answers until the connection fails or the peer
+    /// falls silent.
     async fn serve_outbound(
         &self,
         link: &Link,
         wire: Wire,
-        rx: &mut mpsc::Receiver<Frame>,
+        rx: &mut mpsc::Receiver<Queued>,
+        generation: u64,
     ) -> String {
         let (mut sink, mut stream) = wire.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { return "node stopping".into() };
-                    if let Err(e) = write_batch(&mut sink, frame, rx).await {
+                queued = rx.recv() => {
+                    let Some(first) = queued else { return "node stopping".into() };
+                    if let Err(e) = write_batch(&mut sink, first, rx, Some(generation)).await {
+                        return e;
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed() > PEER_SILENCE {
+                        return format!("no answer for {PEER_SILENCE:?}");
+                    }
+                    if let Err(e) = write_batch(&mut sink, (generation, Frame::Ping), rx, Some(generation)).await {
                         return e;
                     }
                 }
@@ -454,6 +506,7 @@ impl PeerLinks {
                         Some(Err(e)) => return e.to_string(),
                         None => return "closed by peer".into(),
                     };
+                    heard = tokio::time::Instant::now();
                     let frames = match unpack(&bytes) {
                         Ok(f) => f,
                         Err(e) => return format!("undecodable message: {e}"),
@@ -472,6 +525,7 @@ impl PeerLinks {
                                     h.cast(&link.node, cast);
                                 }
                             }
+                            Frame::Pong => {}
                             other => return format!("unexpected frame on an outbound link: {other:?}"),
                         }
                     }
@@ -518,10 +572,10 @@ impl PeerLinks {
         }
         let from = theirs.node;
         let (mut sink, mut stream) = wire.split();
-        let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
-        let writer = actix::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if write_batch(&mut sink, frame, &mut rx).await.is_err() {
+        let (tx, mut rx) = mpsc::channel::<Queued>(LINK_QUEUE);
+        let mut writer = actix::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                if write_batch(&mut sink, first, &mut rx, None).await.is_err() {
                     break;
                 }
             }
@@ -534,10 +588,17 @@ impl PeerLinks {
             link.wake.notify_one();
         }
         let result = loop {
-            let bytes = match stream.next().await {
-                Some(Ok(b)) => b,
-                Some(Err(e)) => break Err(e.to_string()),
-                None => break Ok(()),
+            let incoming = tokio::select! {
+                incoming = tokio::time::timeout(PEER_SILENCE * 2, stream.next()) => incoming,
+                // Answers can no longer be written: serving more calls would only run
+                // them unanswered.
+                _ = &mut writer => break Err("writer ended".into()),
+            };
+            let bytes = match incoming {
+                Ok(Some(Ok(b))) => b,
+                Ok(Some(Err(e))) => break Err(e.to_string()),
+                Ok(None) => break Ok(()),
+                Err(_) => break Err(format!("no frame for {:?}", PEER_SILENCE * 2)),
             };
             let Some(handler) = self.handler() else {
                 break Ok(());
@@ -554,10 +615,13 @@ impl PeerLinks {
                         let tx = tx.clone();
                         actix::spawn(async move {
                             let result = answer.await;
-                            let _ = tx.send(Frame::Reply { id, result }).await;
+                            let _ = tx.send((0, Frame::Reply { id, result })).await;
                         });
                     }
                     Frame::Cast(cast) => handler.cast(&from, cast),
+                    Frame::Ping => {
+                        let _ = tx.try_send((0, Frame::Pong));
+                    }
                     other => {
                         bad = Some(format!("unexpected frame on an inbound link: {other:?}"));
                         break;
@@ -582,7 +646,7 @@ impl PeerLinks {
 /// The receiving end of a link's queue, handed to its connection task.
 pub struct LinkRx {
     link: Arc<Link>,
-    rx: mpsc::Receiver<Frame>,
+    rx: mpsc::Receiver<Queued>,
 }
 
 async fn read_hello(wire: &mut Wire) -> Result<Hello, String> {
@@ -602,33 +666,40 @@ async fn read_hello(wire: &mut Wire) -> Result<Hello, String> {
 /// of one node leaves as one message.
 async fn write_batch(
     sink: &mut SplitSink<Wire, Bytes>,
-    first: Frame,
-    rx: &mut mpsc::Receiver<Frame>,
+    first: Queued,
+    rx: &mut mpsc::Receiver<Queued>,
+    generation: Option<u64>,
 ) -> Result<(), String> {
     let mut next = Some(first);
     let mut message: Vec<u8> = Vec::new();
     let mut frames = 0;
-    while let Some(frame) = next {
-        match encode(&frame) {
-            Ok(bytes) => {
-                if !message.is_empty() && message.len() + bytes.len() + 4 > BATCH_BYTES {
-                    metrics().peer_messages.inc();
-                    sink.feed(Bytes::from(std::mem::take(&mut message)))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                pack(&mut message, &bytes);
-                metrics().peer_frames.inc();
-            }
-            // A frame that cannot be encoded is a bug; its caller times out.
-            Err(e) => tracing::error!(error = %e, "cannot encode a peer frame"),
-        }
+    while let Some((queued_for, frame)) = next {
         frames += 1;
         next = if frames < MAX_BATCH_FRAMES {
             rx.try_recv().ok()
         } else {
             None
         };
+        if generation.is_some_and(|g| g != queued_for) {
+            continue; // queued for an earlier connection; its caller was answered
+        }
+        let bytes = match encode(&frame).map(|b| fit(b, &frame)) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue,
+            // A frame that cannot be encoded is a bug; its caller times out.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a peer frame");
+                continue;
+            }
+        };
+        if !message.is_empty() && message.len() + bytes.len() + 4 > BATCH_BYTES {
+            metrics().peer_messages.inc();
+            sink.feed(Bytes::from(std::mem::take(&mut message)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        pack(&mut message, &bytes);
+        metrics().peer_frames.inc();
     }
     if !message.is_empty() {
         metrics().peer_messages.inc();
@@ -637,6 +708,25 @@ async fn write_batch(
             .map_err(|e| e.to_string())?;
     }
     sink.flush().await.map_err(|e| e.to_string())
+}
+
+/// A frame too large for a wire message must not take the link down: an answer is
+/// replaced by an error answer, anything else is dropped (its caller times out).
+fn fit(bytes: Vec<u8>, frame: &Frame) -> Option<Vec<u8>> {
+    if bytes.len() + 4 <= MAX_PEER_FRAME {
+        return Some(bytes);
+    }
+    tracing::error!(size = bytes.len(), "peer frame over the size limit");
+    match frame {
+        Frame::Reply { id, .. } => encode(&Frame::Reply {
+            id: *id,
+            result: Err(ActorError::Internal(
+                "answer too large for a peer link".into(),
+            )),
+        })
+        .ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,16 @@ impl Router {
         &self.ring
     }
 
+    /// Whether a call for `user` can reach its home now (here, or over a link that is
+    /// up). A call that failed while its home was unreachable was never delivered.
+    pub fn reachable(&self, user: UserId) -> bool {
+        match self.home(&user.ring_key()) {
+            Ok(Home::Here) => true,
+            Ok(Home::Peer(node)) => self.peers.is_up(node),
+            Err(_) => false,
+        }
+    }
+
     /// A fresh media id homed on this node, so an upload is stored where it arrives.
     /// (A random id lands here with probability 1/n; a few tries suffice.)
     pub fn new_media_id(&self) -> uuid::Uuid {
@@ -122,35 +132,46 @@ impl Router {
         self.ring_version
     }
 
-    /// Entities stored on this node.
-    pub fn owned_here(&self) -> Result<u64, ActorError> {
-        Ok(self.registry.store().entity_counts()?.total())
+    /// Entities stored on this node, counted on the blocking pool (it reads the whole
+    /// key space, one seek per entity).
+    pub async fn owned_here(&self) -> Result<u64, ActorError> {
+        self.registry.entity_count().await
     }
 
     /// What `GET /admin/cluster` lists for each node: `(id, up, owned entities)`. A
     /// peer that does not answer is down and shows what it last reported.
     pub async fn cluster_view(&self) -> Vec<(String, bool, u64)> {
-        let mut out = Vec::new();
-        for node in self.ring.nodes() {
-            if *node == self.node_id {
-                out.push((node.clone(), true, self.owned_here().unwrap_or(0)));
-                continue;
-            }
-            let asked = if self.peers.is_up(node) {
-                match self.peers.call(node, PeerCall::Owned).await {
+        let others: Vec<&String> = self
+            .ring
+            .nodes()
+            .iter()
+            .filter(|n| **n != self.node_id)
+            .collect();
+        let asks = others.iter().map(|node| {
+            let call = self
+                .peers
+                .is_up(node)
+                .then(|| self.peers.call(node, PeerCall::Owned));
+            async move {
+                match call?.await {
                     Ok(PeerReply::Count(n)) => Some(n),
                     _ => None,
                 }
-            } else {
-                None
-            };
-            let mut cache = self.peer_owned.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        });
+        let (mine, answers) =
+            futures_util::future::join(self.owned_here(), futures_util::future::join_all(asks))
+                .await;
+        let mut cache = self.peer_owned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = vec![(self.node_id.clone(), true, mine.unwrap_or(0))];
+        for (node, asked) in others.into_iter().zip(answers) {
             if let Some(n) = asked {
                 cache.insert(node.clone(), n);
             }
             let owned = cache.get(node).copied().unwrap_or(0);
             out.push((node.clone(), asked.is_some(), owned));
         }
+        out.sort();
         out
     }
 
@@ -475,8 +496,8 @@ impl PeerHandler for Router {
                 PeerReply::Handle,
             ),
             PeerCall::Owned => {
-                let owned = self.owned_here();
-                Box::pin(async move { owned.map(PeerReply::Count) })
+                let registry = Arc::clone(&self.registry);
+                Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
             }
         }
     }
@@ -487,7 +508,7 @@ impl PeerHandler for Router {
                 user,
                 session,
                 event,
-            } => match self.sessions.deliver(session, event) {
+            } => match self.sessions.deliver_to(session, Some(user), event) {
                 Delivery::Delivered => {}
                 Delivery::Full => {
                     self.sessions.deliver(
@@ -501,7 +522,12 @@ impl PeerHandler for Router {
                 }
                 Delivery::Gone => self.session_gone(user, session),
             },
-            PeerCast::Notify { user, event } => self.notify(user, event),
+            // Only for users homed here: never forwarded on (two rings could disagree).
+            PeerCast::Notify { user, event } => {
+                if self.owns(&user.ring_key()).is_ok() {
+                    self.notify(user, event);
+                }
+            }
         }
     }
 

@@ -53,10 +53,21 @@ struct Slot {
     gauge: Arc<Gauge>,
 }
 
-#[derive(Default)]
 pub struct SessionTable {
     next_id: AtomicU64,
     sessions: Mutex<HashMap<u64, Slot>>,
+}
+
+impl Default for SessionTable {
+    /// Session ids start at a random point: another node may still hold a reference to
+    /// a session of this node's previous run, and must never reach a new session that
+    /// happens to get the same number.
+    fn default() -> Self {
+        SessionTable {
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 impl SessionTable {
@@ -120,9 +131,16 @@ impl SessionTable {
     }
 
     pub fn deliver(&self, id: u64, event: SessionEvent) -> Delivery {
+        self.deliver_to(id, None, event)
+    }
+
+    /// Like `deliver`, for an event meant for a session of `user` only (one pushed
+    /// from another node, which names the user): a session of anyone else is `Gone`.
+    pub fn deliver_to(&self, id: u64, user: Option<UserId>, event: SessionEvent) -> Delivery {
         let Some((recipient, gauge)) = self
             .lock()
             .get(&id)
+            .filter(|s| user.is_none_or(|u| u == s.user))
             .map(|s| (s.recipient.clone(), Arc::clone(&s.gauge)))
         else {
             return Delivery::Gone;

@@ -68,6 +68,9 @@ const MAX_WATCHED: usize = 1024;
 const MARK_WINDOW: Duration = Duration::from_millis(100);
 /// Distinct (conversation, status) marks one window may hold.
 const MAX_MARKS_PER_WINDOW: usize = 32;
+/// Sends one connection may have waiting behind checks (the memory they hold is
+/// bounded by this times `max_message_bytes`).
+const MAX_WAITING_SENDS: usize = 256;
 /// Peers known to exist, so a `send` to them skips the existence check.
 const KNOWN_PEERS: usize = 1024;
 
@@ -539,6 +542,10 @@ impl WsSession {
             body: send.body,
             media,
         };
+        if self.waiting.values().map(VecDeque::len).sum::<usize>() >= MAX_WAITING_SENDS {
+            let msg = format!("over {MAX_WAITING_SENDS} sends waiting for checks");
+            return self.error(ctx, "rate_limited", &msg, Some(&send.cmid_raw));
+        }
         if let Some(queue) = self.waiting.get_mut(&conversation_id) {
             return queue.push_back(send);
         }
@@ -589,12 +596,13 @@ impl WsSession {
                 )
             })
             .collect();
+        // Side by side, so a send waits for its slowest check, not their sum.
         let checks = async move {
             if let Some(check) = peer_check {
                 check.await?;
             }
-            for check in media_checks {
-                check.await?;
+            for result in join_all(media_checks).await {
+                result?;
             }
             Ok::<(), ActorError>(())
         };

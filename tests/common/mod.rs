@@ -318,6 +318,16 @@ impl Node {
         }
     }
 
+    /// Sends a signal to the process (e.g. `libc::SIGSTOP` to freeze it).
+    pub fn signal(&self, sig: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
+    }
+
     /// Starts the process again on the same config, data dir and ports.
     pub async fn restart(&mut self) {
         self.kill9();
