@@ -639,6 +639,9 @@ async fn a_frozen_node_is_marked_down_and_answers_503() {
         .find(|u| home(&r, "user", &u.id) == "n1")
         .cloned()
         .expect("on n1");
+    // A device on the node about to freeze, of a user homed elsewhere.
+    let mut on_frozen = nodes[2].ws(&alive.token).await;
+    on_frozen.sync(0).await;
     nodes[2].signal(libc::SIGSTOP);
     // It closes nothing, but it stops answering pings: the others mark it down.
     let started = Instant::now();
@@ -670,6 +673,30 @@ async fn a_frozen_node_is_marked_down_and_answers_503() {
         .get(&format!("/users/{}", frozen.id), Some(&alive.token))
         .await;
     assert_eq!(back.status, 200, "{}", back.text);
+    // The device on the thawed node is never silently stuck: it gets what is sent to
+    // its user, or it is closed (and its client reconnects and syncs).
+    let sender = nodes[1].user("fzs").await;
+    let mut sw = nodes[1].ws(&sender.token).await;
+    sw.sync(0).await;
+    sw.send_to_user(&alive.id, "after the thaw").await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match on_frozen.next_event(left).await {
+            Event::Json(f) if f["type"] == "message" => {
+                assert_eq!(f["message"]["body"], "after the thaw");
+                break;
+            }
+            Event::Json(_) | Event::Binary(_) => {}
+            Event::Closed(code) => {
+                eprintln!("the device on the thawed node was closed ({code:?})");
+                break;
+            }
+            Event::Timeout => {
+                panic!("a device on the thawed node is stuck: no message, not closed")
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -122,6 +122,10 @@ pub enum UserRequest {
     Detach {
         session: SessionRef,
     },
+    /// Whether `session` is still one of the user's sessions.
+    Attached {
+        session: SessionRef,
+    },
     /// The node `node` is unreachable: forget its sessions (and its watchers).
     DetachNode {
         node: String,
@@ -196,6 +200,7 @@ pub enum UserReply {
     },
     Conversations(Vec<UserConversation>),
     Users(Vec<UserId>),
+    Attached(bool),
     Keys {
         bundle: KeyBundle,
         prekey: Option<String>,

@@ -749,6 +749,9 @@ impl Handler<UserCall> for UserActor {
                 self.detach(&session);
                 done(Ok(UserReply::Done))
             }
+            UserRequest::Attached { session } => done(Ok(UserReply::Attached(
+                self.sessions.iter().any(|s| s.session == session),
+            ))),
             UserRequest::DetachNode { node } => {
                 self.detach_node(&node);
                 done(Ok(UserReply::Done))

@@ -68,6 +68,8 @@ const MAX_WATCHED: usize = 1024;
 const MARK_WINDOW: Duration = Duration::from_millis(100);
 /// Distinct (conversation, status) marks one window may hold.
 const MAX_MARKS_PER_WINDOW: usize = 32;
+/// How often a session checks that its user's actor still has it.
+const ATTACH_CHECK: Duration = Duration::from_secs(10);
 /// Sends one connection may have waiting behind checks (the memory they hold is
 /// bounded by this times `max_message_bytes`).
 const MAX_WAITING_SENDS: usize = 256;
@@ -920,6 +922,28 @@ impl Actor for WsSession {
             act.gauge.alive_at.store(now_ms_u64(), Ordering::Relaxed);
             act.queued += frame_len(0);
             ctx.ping(b"");
+        });
+        // A safety net for what no message tells us: the user's actor (perhaps on
+        // another node) may have let this session go (a push it could not deliver, a
+        // link it saw drop). Then nothing more would come; close instead, so the client
+        // reconnects and syncs.
+        ctx.run_interval(ATTACH_CHECK, |act, ctx| {
+            let check = act.router.user(
+                act.user,
+                UserRequest::Attached {
+                    session: act.me.clone(),
+                },
+            );
+            ctx.spawn(wrap_future::<_, Self>(check).map(|res, act, ctx| {
+                if let Ok(UserReply::Attached(false)) = res {
+                    act.close(
+                        ctx,
+                        CloseCode::Again,
+                        "session lost: reconnect and sync",
+                        "detached",
+                    );
+                }
+            }));
         });
     }
 
