@@ -42,30 +42,30 @@ struct Member {
     token: String,
 }
 
+/// POSTs `body` (with the token, if any) and returns the string field `field` of the
+/// answer.
+async fn post_for(
+    http: &reqwest::Client,
+    url: String,
+    token: Option<&str>,
+    body: Value,
+    field: &str,
+) -> Result<String, Err> {
+    let mut ask = http.post(url).json(&body);
+    if let Some(t) = token {
+        ask = ask.bearer_auth(t);
+    }
+    let answer: Value = ask.send().await?.json().await?;
+    Ok(answer[field]
+        .as_str()
+        .ok_or(format!("no `{field}` in {answer}"))?
+        .to_string())
+}
+
 async fn register(http: &reqwest::Client, base: &str, handle: String) -> Result<Member, Err> {
-    let password = "fanout-password";
-    let r: Value = http
-        .post(format!("{base}/users"))
-        .json(&json!({"handle": handle, "password": password}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let id = r["user_id"]
-        .as_str()
-        .ok_or(format!("register: {r}"))?
-        .to_string();
-    let r: Value = http
-        .post(format!("{base}/sessions"))
-        .json(&json!({"handle": handle, "password": password}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = r["token"]
-        .as_str()
-        .ok_or(format!("login: {r}"))?
-        .to_string();
+    let body = json!({"handle": handle, "password": "fanout-password"});
+    let id = post_for(http, format!("{base}/users"), None, body.clone(), "user_id").await?;
+    let token = post_for(http, format!("{base}/sessions"), None, body, "token").await?;
     Ok(Member { id, token })
 }
 
@@ -149,18 +149,14 @@ async fn main() -> Result<(), Err> {
     let owner = &members[0];
     let others: Vec<&str> = members[1..].iter().map(|m| m.id.as_str()).collect();
     let created = Instant::now();
-    let g: Value = http
-        .post(format!("{base}/groups"))
-        .bearer_auth(&owner.token)
-        .json(&json!({"name": "fan-out", "members": others}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let cid = g["conversation_id"]
-        .as_str()
-        .ok_or(format!("create group: {g}"))?
-        .to_string();
+    let cid = post_for(
+        &http,
+        format!("{base}/groups"),
+        Some(&owner.token),
+        json!({"name": "fan-out", "members": others}),
+        "conversation_id",
+    )
+    .await?;
     let create_answer = created.elapsed();
 
     // The sender is a second device of the owner, so every member device only reads.

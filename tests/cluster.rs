@@ -26,17 +26,21 @@ async fn admin_cluster(node: &Node, token: Option<&str>) -> Resp {
 
 /// `(id, status)` of every node in an admin cluster view.
 fn statuses(view: &serde_json::Value) -> Vec<(String, String)> {
-    view["nodes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no nodes in {view}"))
-        .iter()
-        .map(|n| {
-            (
-                str_field(n, "id").to_string(),
-                str_field(n, "status").to_string(),
-            )
-        })
-        .collect()
+    field_pairs(view, "nodes", "id", "status")
+}
+
+/// `GET /media/{mid}` on `node` as `token`, with an optional `Range`.
+async fn get_media(node: &Node, token: &str, mid: &str, range: Option<&str>) -> Resp {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("Authorization", auth.as_str())];
+    headers.extend(range.map(|r| ("Range", r)));
+    node.call_raw(
+        reqwest::Method::GET,
+        &node.api(&format!("/media/{mid}")),
+        &headers,
+        None,
+    )
+    .await
 }
 
 async fn add_member(node: &Node, admin: &User, gid: &str, user: &str) -> Resp {
@@ -402,14 +406,7 @@ async fn media_is_stored_where_uploaded_and_read_through_any_node() {
     let ack = aw.ack_for(&cmid).await;
     assert!(ack["seq"].is_u64());
     for n in &nodes {
-        let whole = n
-            .call_raw(
-                reqwest::Method::GET,
-                &n.api(&format!("/media/{mid}")),
-                &[("Authorization", &format!("Bearer {}", b.token))],
-                None,
-            )
-            .await;
+        let whole = get_media(n, &b.token, &mid, None).await;
         assert_eq!(whole.status, 200, "GET via {}", n.id);
         // (The harness keeps bodies as lossy UTF-8: compare them the same way.)
         assert!(
@@ -417,31 +414,14 @@ async fn media_is_stored_where_uploaded_and_read_through_any_node() {
             "bytes via {}",
             n.id
         );
-        let part = n
-            .call_raw(
-                reqwest::Method::GET,
-                &n.api(&format!("/media/{mid}")),
-                &[
-                    ("Authorization", &format!("Bearer {}", b.token)),
-                    ("Range", "bytes=1000-1999"),
-                ],
-                None,
-            )
-            .await;
+        let part = get_media(n, &b.token, &mid, Some("bytes=1000-1999")).await;
         assert_eq!(part.status, 206, "ranged GET via {}", n.id);
         assert!(
             part.text == String::from_utf8_lossy(&bytes[1000..2000]),
             "range via {}",
             n.id
         );
-        let denied = n
-            .call_raw(
-                reqwest::Method::GET,
-                &n.api(&format!("/media/{mid}")),
-                &[("Authorization", &format!("Bearer {}", stranger.token))],
-                None,
-            )
-            .await;
+        let denied = get_media(n, &stranger.token, &mid, None).await;
         assert_http_error(
             &denied,
             403,

@@ -207,6 +207,14 @@ impl ConversationActor {
             .map_or(1, |s| s.from)
     }
 
+    /// The seq of a former member's removal (the end of its last stay).
+    fn removed_at(&self, user: UserId) -> Option<u64> {
+        self.spans
+            .get(&user)
+            .and_then(|s| s.last())
+            .and_then(|s| s.until)
+    }
+
     fn is_member(&self, user: UserId) -> Result<&ConversationRecord, ActorError> {
         let record = self
             .record
@@ -405,12 +413,7 @@ impl ConversationActor {
             self.behind.remove(&user);
             // A former member that has everything up to its removal is done with. (Not
             // merely "nothing due now": its removal may not be durable yet.)
-            let delivered = self
-                .spans
-                .get(&user)
-                .and_then(|s| s.last())
-                .and_then(|s| s.until)
-                .is_some_and(|until| m.done >= until);
+            let delivered = self.removed_at(user).is_some_and(|until| m.done >= until);
             if delivered {
                 self.members.remove(&user);
             }
@@ -547,12 +550,9 @@ impl ConversationActor {
         // member's latest: its end is the `prev` of the member's next run.
         for (user, stays) in spans.iter_mut() {
             let done = self.members.get(user).map_or(u64::MAX, |m| m.done);
-            let last = stays.len().saturating_sub(1);
-            let mut i = 0;
-            stays.retain(|s| {
-                i += 1;
-                i - 1 == last || s.until.is_none_or(|until| until > done)
-            });
+            let latest = stays.pop();
+            stays.retain(|s| s.until.is_none_or(|until| until > done));
+            stays.extend(latest);
         }
         let record = ConversationRecord {
             conversation_id: self.id,
@@ -621,10 +621,7 @@ impl ConversationActor {
         let last_seq = match self.is_member(user) {
             Ok(_) => self.durable_seq,
             Err(ActorError::NotMember) => self
-                .spans
-                .get(&user)
-                .and_then(|s| s.last())
-                .and_then(|s| s.until)
+                .removed_at(user)
                 .map(|until| until.min(self.durable_seq))
                 .ok_or(ActorError::NotMember)?,
             Err(e) => return Err(e),

@@ -5,9 +5,10 @@
 //! admin leaves the longest-standing member becomes admin.
 //!
 //! Every call is handled atomically (the actor takes no other call until it is
-//! answered), and starts by *settling*: a change the group's conversation has not
+//! answered). A change starts by *settling*: a change the group's conversation has not
 //! confirmed is applied first, so rules are always checked against an announced
-//! membership and changes reach the conversation in order. A change then goes:
+//! membership and changes reach the conversation in order. (Reads answer from the
+//! durable record at once.) A change then goes:
 //! 1. check the rules (roles, size, the user exists) and build the next record with
 //!    `version + 1`;
 //! 2. write it (and a "pending" mark) and wait for the group commit: from here on the
@@ -45,6 +46,10 @@ pub const MAX_GROUP_NAME_CHARS: usize = 100;
 
 type Reply = ResponseActFuture<GroupActor, Result<GroupReply, ActorError>>;
 type Step = ResponseActFuture<GroupActor, Result<(), ActorError>>;
+
+fn done(r: Result<GroupReply, ActorError>) -> Reply {
+    Box::pin(ready(r))
+}
 
 pub struct GroupActor {
     id: GroupId,
@@ -151,7 +156,7 @@ impl GroupActor {
     /// announces it in the conversation, or leaves that to the retries.
     fn change(&mut self, next: GroupRecord) -> Reply {
         if let Err(e) = self.registry.store().put_group(&next) {
-            return Box::pin(ready(Err(e.into())));
+            return done(Err(e.into()));
         }
         self.record = Some(next.clone());
         let store = self.registry.store().clone();
@@ -161,7 +166,7 @@ impl GroupActor {
                     if let Err(e) = res {
                         // Memory may be ahead of the disk: reload on the next call.
                         ctx.stop();
-                        return Box::pin(ready(Err(e.into())));
+                        return done(Err(e.into()));
                     }
                     Box::pin(act.settle().map(move |res, act, _| {
                         if let Err(e) = res {
@@ -181,7 +186,7 @@ impl GroupActor {
         then: impl FnOnce(&mut Self) -> Reply + 'static,
     ) -> Reply {
         let Some(route) = self.registry.route() else {
-            return Box::pin(ready(Err(ActorError::Unavailable)));
+            return done(Err(ActorError::Unavailable));
         };
         let checks = join_all(
             users
@@ -196,11 +201,11 @@ impl GroupActor {
                     match answer {
                         Ok(_) => {}
                         Err(ActorError::UnknownUser) => unknown.push(user),
-                        Err(e) => return Box::pin(ready(Err(e))),
+                        Err(e) => return done(Err(e)),
                     }
                 }
                 if !unknown.is_empty() {
-                    return Box::pin(ready(Err(ActorError::UnknownMembers(unknown))));
+                    return done(Err(ActorError::UnknownMembers(unknown)));
                 }
                 then(act)
             }),
@@ -210,21 +215,21 @@ impl GroupActor {
     fn create(&mut self, creator: UserId, name: String, members: Vec<UserId>) -> Reply {
         if let Some(r) = &self.record {
             // A retried creation is answered with what it made.
-            return Box::pin(ready(if r.version == 1 && r.last_by == creator {
+            return done(if r.version == 1 && r.last_by == creator {
                 Ok(GroupReply::Group(r.clone()))
             } else {
                 Err(ActorError::Internal("group id already in use".into()))
-            }));
+            });
         }
         if let Err(e) = check_name(&name) {
-            return Box::pin(ready(Err(e)));
+            return done(Err(e));
         }
         let mut others: Vec<UserId> = Vec::with_capacity(members.len());
         for m in members {
             if others.contains(&m) {
-                return Box::pin(ready(Err(ActorError::BadRequest(format!(
+                return done(Err(ActorError::BadRequest(format!(
                     "{m} is listed twice in members"
-                )))));
+                ))));
             }
             // The creator may list itself; it is a member (the admin) either way.
             if m != creator {
@@ -233,7 +238,7 @@ impl GroupActor {
         }
         let max = self.registry.limits().max_group_members;
         if others.len() + 1 > max {
-            return Box::pin(ready(Err(ActorError::GroupFull(max))));
+            return done(Err(ActorError::GroupFull(max)));
         }
         let id = self.id;
         let everyone: Vec<UserId> = std::iter::once(creator)
@@ -268,20 +273,20 @@ impl GroupActor {
     fn add_member(&mut self, by: UserId, user: UserId) -> Reply {
         let record = match self.for_admin(by) {
             Ok(r) => r,
-            Err(e) => return Box::pin(ready(Err(e))),
+            Err(e) => return done(Err(e)),
         };
         if record.members.iter().any(|m| m.user_id == user) {
             // The same admin adding the same user again: a retry of the last change.
             let retry = record.last_by == by && record.last_event == GroupEvent::Added { user };
-            return Box::pin(ready(if retry {
+            return done(if retry {
                 Ok(GroupReply::Group(record.clone()))
             } else {
                 Err(ActorError::AlreadyMember)
-            }));
+            });
         }
         let max = self.registry.limits().max_group_members;
         if record.members.len() >= max {
-            return Box::pin(ready(Err(ActorError::GroupFull(max))));
+            return done(Err(ActorError::GroupFull(max)));
         }
         let mut next = record.clone();
         next.members.push(GroupMember {
@@ -304,16 +309,16 @@ impl GroupActor {
             Ok(r) => r,
             // A member that left and asks again: a retry of the last change.
             Err(ActorError::NotMember) if by == user && self.last_was_removal(by, user) => {
-                return Box::pin(ready(self.current()));
+                return done(self.current());
             }
-            Err(e) => return Box::pin(ready(Err(e))),
+            Err(e) => return done(Err(e)),
         };
         let Some(idx) = record.members.iter().position(|m| m.user_id == user) else {
-            return Box::pin(ready(if self.last_was_removal(by, user) {
+            return done(if self.last_was_removal(by, user) {
                 self.current()
             } else {
                 Err(ActorError::UnknownMember)
-            }));
+            });
         };
         let mut next = record.clone();
         next.members.remove(idx);
@@ -395,7 +400,7 @@ impl Actor for GroupActor {
         let registry = Arc::clone(&self.registry);
         registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
         // A change the conversation never confirmed (a crash, a node down) goes out as
-        // soon as it can; calls in between settle it first too.
+        // soon as it can; changes in between settle it first too.
         ctx.run_interval(SETTLE_RETRY, |act, ctx| {
             if act.unsettled() {
                 ctx.wait(act.settle().map(|res, act, _| {
@@ -431,25 +436,34 @@ impl Handler<GroupCall> for GroupActor {
         self.last_call = Instant::now();
         if let Some(e) = &self.load_error {
             ctx.stop();
-            return AtomicResponse::new(Box::pin(ready(Err(e.clone()))));
+            return AtomicResponse::new(done(Err(e.clone())));
         }
-        // Settle first: rules are checked against an announced membership, and a new
-        // change never overtakes one the conversation has not seen.
+        // Reads answer from the durable record: they need not wait for an announcement
+        // (which, with the conversation's node down, could take the whole call timeout).
+        if let GroupRequest::View { user } = req {
+            return AtomicResponse::new(done(self.view(user)));
+        }
+        // Changes settle first: rules are checked against an announced membership, and
+        // a new change never overtakes one the conversation has not seen.
         AtomicResponse::new(Box::pin(self.settle().then(
             move |settled, act, _| -> Reply {
-                match req {
-                    // Reads answer from the durable record either way.
-                    GroupRequest::View { user } => Box::pin(ready(act.view(user))),
-                    GroupRequest::Settle => Box::pin(ready(settled.map(|()| GroupReply::Done))),
-                    // A change while an earlier one cannot be announced: refused (503).
-                    _ if settled.is_err() => Box::pin(ready(settled.map(|()| GroupReply::Done))),
-                    GroupRequest::Create {
-                        creator,
-                        name,
-                        members,
-                    } => act.create(creator, name, members),
-                    GroupRequest::AddMember { by, user } => act.add_member(by, user),
-                    GroupRequest::RemoveMember { by, user } => act.remove_member(by, user),
+                match (req, settled) {
+                    (GroupRequest::Settle, settled) => done(settled.map(|()| GroupReply::Done)),
+                    // An earlier change cannot be announced yet: refused (503).
+                    (_, Err(e)) => done(Err(e)),
+                    (
+                        GroupRequest::Create {
+                            creator,
+                            name,
+                            members,
+                        },
+                        Ok(()),
+                    ) => act.create(creator, name, members),
+                    (GroupRequest::AddMember { by, user }, Ok(())) => act.add_member(by, user),
+                    (GroupRequest::RemoveMember { by, user }, Ok(())) => {
+                        act.remove_member(by, user)
+                    }
+                    (GroupRequest::View { user }, Ok(())) => done(act.view(user)),
                 }
             },
         )))

@@ -196,28 +196,22 @@ impl UserActor {
         })
     }
 
+    /// Checks the password (off the actor's thread): `Done`, or `invalid_credentials`.
     fn check_password(&self, password: String) -> Reply {
         let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
             return done(Err(ActorError::InvalidCredentials));
         };
         let verify = auth::verify_password_bounded(password, phc);
         Box::pin(wrap_future::<_, Self>(verify).map(|ok, _, _| {
-            if ok {
-                Ok(UserReply::Done)
-            } else {
-                Err(ActorError::InvalidCredentials)
-            }
+            ok.then_some(UserReply::Done)
+                .ok_or(ActorError::InvalidCredentials)
         }))
     }
 
     fn login(&mut self, password: String) -> Reply {
-        let Some(phc) = self.record.as_ref().map(|r| r.password_hash.clone()) else {
-            return done(Err(ActorError::InvalidCredentials));
-        };
-        let verify = auth::verify_password_bounded(password, phc);
-        Box::pin(wrap_future::<_, Self>(verify).then(|ok, act, _| {
-            if !ok {
-                return done(Err(ActorError::InvalidCredentials));
+        Box::pin(self.check_password(password).then(|checked, act, _| {
+            if let Err(e) = checked {
+                return done(Err(e));
             }
             let (token, hash) = auth::new_token(act.id);
             let expires_at = crate::now_ms() + auth::TOKEN_LIFETIME_MS;
@@ -286,20 +280,21 @@ impl UserActor {
 
     /// Forgets a session: one of the user's own, or one watching its presence.
     fn detach(&mut self, session: &SessionRef) {
-        self.watchers.retain(|w| w != session);
-        let before = self.sessions.len();
-        self.sessions.retain(|s| &s.session != session);
-        if before > 0 && self.sessions.is_empty() {
-            self.went_offline();
-        }
+        self.forget_sessions(|s| s == session);
     }
 
     /// Forgets every session on `node`, which this node can no longer reach: their
     /// clients were disconnected there and will reconnect and sync.
     fn detach_node(&mut self, node: &str) {
-        self.watchers.retain(|w| w.node != node);
+        self.forget_sessions(|s| s.node == node);
+    }
+
+    /// Drops the sessions (own and watching) that `gone` picks; the user goes offline
+    /// if that was its last.
+    fn forget_sessions(&mut self, gone: impl Fn(&SessionRef) -> bool) {
+        self.watchers.retain(|w| !gone(w));
         let before = self.sessions.len();
-        self.sessions.retain(|s| s.session.node != node);
+        self.sessions.retain(|s| !gone(&s.session));
         if before > 0 && self.sessions.is_empty() {
             self.went_offline();
         }

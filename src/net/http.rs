@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse, ResponseError};
 use futures_util::future::{join_all, LocalBoxFuture};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -111,7 +111,11 @@ impl actix_web::dev::HttpServiceFactory for Resource {
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(404, "not_found", "no such endpoint"))
+    Err(no_such_endpoint())
+}
+
+fn no_such_endpoint() -> ApiError {
+    ApiError::new(404, "not_found", "no such endpoint")
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
@@ -141,21 +145,14 @@ async fn metrics_text() -> HttpResponse {
 /// cluster.toml the admin routes do not exist (404).
 fn admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let Some(expected) = &state.admin_token else {
-        return Err(ApiError::new(404, "not_found", "no such endpoint"));
+        return Err(no_such_endpoint());
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().as_bytes())
-        .unwrap_or_default();
+    let given = request_token(req).unwrap_or_default();
     // Compared in time independent of where they differ.
     let same = given.len() == expected.len()
         && given
-            .iter()
-            .zip(expected.as_bytes())
+            .bytes()
+            .zip(expected.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
     if same {
@@ -570,12 +567,12 @@ async fn download_media(
         }
         // Well-formed but past the end: 416, with the contract's error body.
         Some(r) if actix_files::HttpRange::parse(r, rec.size).is_err() => {
-            return Ok(HttpResponse::RangeNotSatisfiable()
-                .insert_header((header::CONTENT_RANGE, format!("bytes */{}", rec.size)))
-                .json(json!({"error": {
-                    "code": "range_not_satisfiable",
-                    "message": format!("the range starts past the end ({} bytes)", rec.size),
-                }})));
+            let msg = format!("the range starts past the end ({} bytes)", rec.size);
+            let mut refused = ApiError::new(416, "range_not_satisfiable", msg).error_response();
+            if let Ok(v) = format!("bytes */{}", rec.size).parse() {
+                refused.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(refused);
         }
         _ => {}
     }

@@ -75,6 +75,7 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
     );
     let pusher = config.push.clone().map(push::Pusher::start);
     let ring_version = registry.store().ring_version(ring.signature())?;
+    registry.store().commit(1).await?;
     let hello = peer::Hello {
         node: node.id.clone(),
         protocol: peer::PEER_PROTOCOL,

@@ -20,7 +20,7 @@
 //!   goes down its pending calls fail, frames still queued for it are dropped (their
 //!   callers were answered; each frame carries the connection generation it was queued
 //!   for, so none is sent late on a later connection), and the node is told
-//!   ([`PeerHandler::link_changed`]) so that sessions depending on it are cleaned up.
+//!   ([`PeerHandler::link_down`]) so that sessions depending on it are cleaned up.
 //! - **Liveness.** The dialling side pings every [`PING_EVERY`]; a link that hears
 //!   nothing for [`PEER_SILENCE`] is down, so a frozen or vanished peer is noticed in
 //!   seconds, not at the TCP timeout.
@@ -207,8 +207,8 @@ pub trait PeerHandler: Send + Sync + 'static {
     /// Serves a call for an entity homed here.
     fn call(&self, call: PeerCall) -> Call<PeerReply>;
     fn cast(&self, from: &str, cast: PeerCast);
-    /// The link to `node` came up or went down.
-    fn link_changed(&self, node: &str, up: bool);
+    /// The link to `node` went down.
+    fn link_down(&self, node: &str);
 }
 
 /// One outbound link.
@@ -398,9 +398,6 @@ impl PeerLinks {
                     link.up.store(true, Ordering::Release);
                     metrics().peer_up.with_label_values(&[&link.node]).set(1);
                     tracing::info!(peer = %link.node, "peer link up");
-                    if let Some(h) = self.handler() {
-                        h.link_changed(&link.node, true);
-                    }
                     let why = self
                         .serve_outbound(&link, wire, &mut rx.rx, generation)
                         .await;
@@ -411,7 +408,7 @@ impl PeerLinks {
                     // Their callers were answered: drop what is still queued.
                     while rx.rx.try_recv().is_ok() {}
                     if let Some(h) = self.handler() {
-                        h.link_changed(&link.node, false);
+                        h.link_down(&link.node);
                     }
                 }
                 Err(e) if !warned => {

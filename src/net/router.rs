@@ -86,6 +86,11 @@ impl Router {
         &self.ring
     }
 
+    /// Whether `user` lives on this node.
+    pub fn homed_here(&self, user: UserId) -> bool {
+        matches!(self.home(&user.ring_key()), Ok(Home::Here))
+    }
+
     /// Whether a call for `user` can reach its home now (here, or over a link that is
     /// up). A call that failed while its home was unreachable was never delivered.
     pub fn reachable(&self, user: UserId) -> bool {
@@ -113,19 +118,6 @@ impl Router {
             Ok(Home::Peer(node)) => self.client_addrs.get(node).copied(),
             _ => None,
         }
-    }
-
-    fn local_media(&self, id: uuid::Uuid, req: MediaRequest) -> Call<()> {
-        let registry = Arc::clone(&self.registry);
-        Box::pin(async move {
-            match req {
-                MediaRequest::Reference {
-                    user,
-                    conversation,
-                    peer,
-                } => registry.reference_media(user, id, conversation, peer).await,
-            }
-        })
     }
 
     pub fn ring_version(&self) -> u64 {
@@ -191,41 +183,72 @@ impl Router {
         }
     }
 
-    /// A call to a peer, with its reply narrowed to the variant `pick` expects.
-    fn remote<T: Send + 'static>(
-        &self,
-        node: &str,
-        call: PeerCall,
-        pick: fn(PeerReply) -> Option<T>,
-    ) -> Call<T> {
-        let reply = self.peers.call(node, call);
-        Box::pin(async move {
-            pick(reply.await?)
-                .ok_or_else(|| ActorError::Internal("peer answered the wrong kind".into()))
-        })
+    /// Sends a call to its entity's home: served here, or over the home's peer link.
+    /// Every call an entity can get goes this one way, whichever node it lives on.
+    fn dispatch(&self, call: PeerCall) -> Call<PeerReply> {
+        match call_key(&call).map(|key| self.home(&key)) {
+            None | Some(Ok(Home::Here)) => self.serve_here(call),
+            Some(Ok(Home::Peer(node))) => self.peers.call(node, call),
+            Some(Err(e)) => Box::pin(async move { Err(e) }),
+        }
     }
 
-    fn local_user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {
+    /// Serves a call for an entity homed here (the caller checked that).
+    fn serve_here(&self, call: PeerCall) -> Call<PeerReply> {
+        fn wrap<T: Send + 'static>(answer: Call<T>, into: fn(T) -> PeerReply) -> Call<PeerReply> {
+            Box::pin(async move { answer.await.map(into) })
+        }
         let registry = Arc::clone(&self.registry);
-        call_local("user", move || registry.user(id), UserCall(req))
-    }
-
-    fn local_conversation(
-        &self,
-        id: ConversationId,
-        req: ConversationRequest,
-    ) -> Call<ConversationReply> {
-        let registry = Arc::clone(&self.registry);
-        call_local(
-            "conversation",
-            move || registry.conversation(id),
-            ConversationCall(req),
-        )
-    }
-
-    fn local_group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply> {
-        let registry = Arc::clone(&self.registry);
-        call_local("group", move || registry.group(id), GroupCall(req))
+        match call {
+            PeerCall::User(id, req) => wrap(
+                call_local("user", move || registry.user(id), UserCall(req)),
+                PeerReply::User,
+            ),
+            PeerCall::Conversation(id, req) => wrap(
+                call_local(
+                    "conversation",
+                    move || registry.conversation(id),
+                    ConversationCall(req),
+                ),
+                PeerReply::Conversation,
+            ),
+            PeerCall::Group(id, req) => wrap(
+                call_local("group", move || registry.group(id), GroupCall(req)),
+                PeerReply::Group,
+            ),
+            PeerCall::Media(
+                id,
+                MediaRequest::Reference {
+                    user,
+                    conversation,
+                    peer,
+                },
+            ) => Box::pin(async move {
+                registry
+                    .reference_media(user, id, conversation, peer)
+                    .await
+                    .map(|()| PeerReply::Done)
+            }),
+            PeerCall::ReadMessages(id, seqs) => {
+                Box::pin(
+                    async move { read_messages(&registry, id, &seqs).map(PeerReply::Messages) },
+                )
+            }
+            PeerCall::ClaimHandle(h, user) => {
+                Box::pin(
+                    async move { registry.claim_handle(&h, user).await.map(PeerReply::Handle) },
+                )
+            }
+            PeerCall::ReleaseHandle(h, user) => {
+                Box::pin(async move { registry.release_handle(&h, user).map(|()| PeerReply::Done) })
+            }
+            PeerCall::ResolveHandle(h) => {
+                Box::pin(async move { registry.resolve_handle(&h).map(PeerReply::Handle) })
+            }
+            PeerCall::Owned => {
+                Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
+            }
+        }
     }
 
     /// Tells `from`'s home that `session` (on this node) is gone.
@@ -238,6 +261,38 @@ impl Router {
         actix::spawn(async move {
             let _ = detach.await;
         });
+    }
+}
+
+/// The ring key of the entity a call is for (`None`: the node itself).
+fn call_key(call: &PeerCall) -> Option<String> {
+    Some(match call {
+        PeerCall::User(id, _) => id.ring_key(),
+        PeerCall::Conversation(id, _) | PeerCall::ReadMessages(id, _) => id.ring_key(),
+        PeerCall::Group(id, _) => id.ring_key(),
+        PeerCall::Media(id, _) => media_ring_key(id),
+        PeerCall::ClaimHandle(h, _)
+        | PeerCall::ReleaseHandle(h, _)
+        | PeerCall::ResolveHandle(h) => handle_ring_key(h),
+        PeerCall::Owned => return None,
+    })
+}
+
+/// A reply narrowed to the variant the caller expects.
+fn narrow<T: Send + 'static>(reply: Call<PeerReply>, pick: fn(PeerReply) -> Option<T>) -> Call<T> {
+    Box::pin(async move {
+        pick(reply.await?).ok_or_else(|| ActorError::Internal("answered the wrong kind".into()))
+    })
+}
+
+fn done(r: PeerReply) -> Option<()> {
+    matches!(r, PeerReply::Done).then_some(())
+}
+
+fn owner(r: PeerReply) -> Option<Option<UserId>> {
+    match r {
+        PeerReply::Handle(h) => Some(h),
+        _ => None,
     }
 }
 
@@ -287,14 +342,10 @@ impl Route for Router {
     }
 
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {
-        match self.home(&id.ring_key()) {
-            Ok(Home::Here) => self.local_user(id, req),
-            Ok(Home::Peer(node)) => self.remote(node, PeerCall::User(id, req), |r| match r {
-                PeerReply::User(u) => Some(u),
-                _ => None,
-            }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::User(id, req)), |r| match r {
+            PeerReply::User(u) => Some(u),
+            _ => None,
+        })
     }
 
     fn conversation(
@@ -302,38 +353,24 @@ impl Route for Router {
         id: ConversationId,
         req: ConversationRequest,
     ) -> Call<ConversationReply> {
-        match self.home(&id.ring_key()) {
-            Ok(Home::Here) => self.local_conversation(id, req),
-            Ok(Home::Peer(node)) => {
-                self.remote(node, PeerCall::Conversation(id, req), |r| match r {
-                    PeerReply::Conversation(c) => Some(c),
-                    _ => None,
-                })
-            }
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(
+            self.dispatch(PeerCall::Conversation(id, req)),
+            |r| match r {
+                PeerReply::Conversation(c) => Some(c),
+                _ => None,
+            },
+        )
     }
 
     fn group(&self, id: GroupId, req: GroupRequest) -> Call<GroupReply> {
-        match self.home(&id.ring_key()) {
-            Ok(Home::Here) => self.local_group(id, req),
-            Ok(Home::Peer(node)) => self.remote(node, PeerCall::Group(id, req), |r| match r {
-                PeerReply::Group(g) => Some(g),
-                _ => None,
-            }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::Group(id, req)), |r| match r {
+            PeerReply::Group(g) => Some(g),
+            _ => None,
+        })
     }
 
     fn media(&self, id: uuid::Uuid, req: MediaRequest) -> Call<()> {
-        match self.home(&media_ring_key(&id)) {
-            Ok(Home::Here) => self.local_media(id, req),
-            Ok(Home::Peer(node)) => self.remote(node, PeerCall::Media(id, req), |r| match r {
-                PeerReply::Done => Some(()),
-                _ => None,
-            }),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::Media(id, req)), done)
     }
 
     fn notify(&self, user: UserId, event: SessionEvent) {
@@ -352,67 +389,25 @@ impl Route for Router {
     }
 
     fn read_messages(&self, id: ConversationId, seqs: Vec<u64>) -> Call<Vec<MessageRecord>> {
-        match self.home(&id.ring_key()) {
-            Ok(Home::Here) => {
-                let registry = Arc::clone(&self.registry);
-                Box::pin(async move { read_messages(&registry, id, &seqs) })
-            }
-            Ok(Home::Peer(node)) => {
-                self.remote(node, PeerCall::ReadMessages(id, seqs), |r| match r {
-                    PeerReply::Messages(m) => Some(m),
-                    _ => None,
-                })
-            }
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(
+            self.dispatch(PeerCall::ReadMessages(id, seqs)),
+            |r| match r {
+                PeerReply::Messages(m) => Some(m),
+                _ => None,
+            },
+        )
     }
 
     fn claim_handle(&self, handle: String, user: UserId) -> Call<Option<UserId>> {
-        match self.home(&handle_ring_key(&handle)) {
-            Ok(Home::Here) => {
-                let registry = Arc::clone(&self.registry);
-                Box::pin(async move { registry.claim_handle(&handle, user).await })
-            }
-            Ok(Home::Peer(node)) => {
-                self.remote(node, PeerCall::ClaimHandle(handle, user), |r| match r {
-                    PeerReply::Handle(h) => Some(h),
-                    _ => None,
-                })
-            }
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::ClaimHandle(handle, user)), owner)
     }
 
     fn release_handle(&self, handle: String, user: UserId) -> Call<()> {
-        match self.home(&handle_ring_key(&handle)) {
-            Ok(Home::Here) => {
-                let registry = Arc::clone(&self.registry);
-                Box::pin(async move { registry.release_handle(&handle, user) })
-            }
-            Ok(Home::Peer(node)) => {
-                self.remote(node, PeerCall::ReleaseHandle(handle, user), |r| match r {
-                    PeerReply::Done => Some(()),
-                    _ => None,
-                })
-            }
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::ReleaseHandle(handle, user)), done)
     }
 
     fn resolve_handle(&self, handle: String) -> Call<Option<UserId>> {
-        match self.home(&handle_ring_key(&handle)) {
-            Ok(Home::Here) => {
-                let registry = Arc::clone(&self.registry);
-                Box::pin(async move { registry.resolve_handle(&handle) })
-            }
-            Ok(Home::Peer(node)) => {
-                self.remote(node, PeerCall::ResolveHandle(handle), |r| match r {
-                    PeerReply::Handle(h) => Some(h),
-                    _ => None,
-                })
-            }
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        narrow(self.dispatch(PeerCall::ResolveHandle(handle)), owner)
     }
 
     fn push(&self, notice: OfflineNotice) {
@@ -441,65 +436,12 @@ impl Route for Router {
 
 impl PeerHandler for Router {
     fn call(&self, call: PeerCall) -> Call<PeerReply> {
-        fn here<T: Send + 'static>(
-            owned: Result<(), ActorError>,
-            call: impl FnOnce() -> Call<T>,
-            wrap: fn(T) -> PeerReply,
-        ) -> Call<PeerReply> {
-            match owned {
-                Ok(()) => {
-                    let answer = call();
-                    Box::pin(async move { answer.await.map(wrap) })
-                }
-                Err(e) => Box::pin(async move { Err(e) }),
-            }
+        // Served only for entities this ring gives us: never forwarded on, so two
+        // nodes whose rings disagree cannot bounce a call between them.
+        if let Some(Err(e)) = call_key(&call).map(|key| self.owns(&key)) {
+            return Box::pin(async move { Err(e) });
         }
-        match call {
-            PeerCall::User(id, req) => here(
-                self.owns(&id.ring_key()),
-                || self.local_user(id, req),
-                PeerReply::User,
-            ),
-            PeerCall::Conversation(id, req) => here(
-                self.owns(&id.ring_key()),
-                || self.local_conversation(id, req),
-                PeerReply::Conversation,
-            ),
-            PeerCall::Group(id, req) => here(
-                self.owns(&id.ring_key()),
-                || self.local_group(id, req),
-                PeerReply::Group,
-            ),
-            PeerCall::Media(id, req) => here(
-                self.owns(&media_ring_key(&id)),
-                || self.local_media(id, req),
-                |()| PeerReply::Done,
-            ),
-            PeerCall::ReadMessages(id, seqs) => here(
-                self.owns(&id.ring_key()),
-                || self.read_messages(id, seqs),
-                PeerReply::Messages,
-            ),
-            PeerCall::ClaimHandle(h, user) => here(
-                self.owns(&handle_ring_key(&h)),
-                || self.claim_handle(h, user),
-                PeerReply::Handle,
-            ),
-            PeerCall::ReleaseHandle(h, user) => here(
-                self.owns(&handle_ring_key(&h)),
-                || self.release_handle(h, user),
-                |()| PeerReply::Done,
-            ),
-            PeerCall::ResolveHandle(h) => here(
-                self.owns(&handle_ring_key(&h)),
-                || self.resolve_handle(h),
-                PeerReply::Handle,
-            ),
-            PeerCall::Owned => {
-                let registry = Arc::clone(&self.registry);
-                Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
-            }
-        }
+        self.serve_here(call)
     }
 
     fn cast(&self, _from: &str, cast: PeerCast) {
@@ -531,10 +473,7 @@ impl PeerHandler for Router {
         }
     }
 
-    fn link_changed(&self, node: &str, up: bool) {
-        if up {
-            return;
-        }
+    fn link_down(&self, node: &str) {
         // Users homed here forget the sessions on the lost node...
         for user in self.registry.running_users() {
             let _ = user.try_send(UserCall(UserRequest::DetachNode {

@@ -583,27 +583,30 @@ impl WsSession {
             return;
         };
         let peer = head.peer.filter(|p| !self.known_peers.contains(p));
-        let peer_check = peer.map(|p| self.router.user(p, UserRequest::Profile));
-        let media_checks: Vec<_> = head
-            .media
-            .iter()
-            .map(|id| {
-                self.router.media(
-                    *id,
+        let (router, user, media, to) = (
+            Arc::clone(&self.router),
+            self.user,
+            head.media.clone(),
+            head.peer,
+        );
+        let checks = async move {
+            if let Some(p) = peer {
+                router.user(p, UserRequest::Profile).await?;
+            }
+            // Only once the peer is known to exist (referencing records durably), and
+            // side by side, so a send waits for its slowest media, not their sum.
+            let reference = |id| {
+                let conversation = cid;
+                router.media(
+                    id,
                     MediaRequest::Reference {
-                        user: self.user,
-                        conversation: cid,
-                        peer: head.peer,
+                        user,
+                        conversation,
+                        peer: to,
                     },
                 )
-            })
-            .collect();
-        // Side by side, so a send waits for its slowest check, not their sum.
-        let checks = async move {
-            if let Some(check) = peer_check {
-                check.await?;
-            }
-            for result in join_all(media_checks).await {
+            };
+            for result in join_all(media.into_iter().map(reference)).await {
                 result?;
             }
             Ok::<(), ActorError>(())
@@ -923,11 +926,16 @@ impl Actor for WsSession {
             act.queued += frame_len(0);
             ctx.ping(b"");
         });
-        // A safety net for what no message tells us: the user's actor (perhaps on
-        // another node) may have let this session go (a push it could not deliver, a
+        // A safety net for what no message tells us: the user's actor on another node
+        // may have let this session go (a push it could not deliver, a
         // link it saw drop). Then nothing more would come; close instead, so the client
         // reconnects and syncs.
         ctx.run_interval(ATTACH_CHECK, |act, ctx| {
+            // Only another node's actor can drop it unannounced: a user homed here
+            // detaches a session only when it is gone or is being closed.
+            if act.router.homed_here(act.user) {
+                return;
+            }
             let check = act.router.user(
                 act.user,
                 UserRequest::Attached {

@@ -566,7 +566,7 @@ impl EntityCounts {
 
 impl Store {
     /// The version of the ring with `signature`: the stored one if the ring is the
-    /// one this node last ran, else the next, recorded durably. Every node that runs
+    /// one this node last ran, else the next, recorded (durable at the next commit). Every node that runs
     /// the same sequence of cluster files counts the same versions.
     pub fn ring_version(&self, signature: u64) -> Result<u64> {
         const KEY: &[u8] = b"ring";
@@ -579,7 +579,6 @@ impl Store {
         self.inner
             .meta
             .insert(KEY, encode(&(version, signature))?)?;
-        self.inner.meta.flush()?;
         Ok(version)
     }
 
@@ -617,98 +616,91 @@ pub struct EntityDump {
 }
 
 impl Store {
-    /// The trees holding `entity`'s records, and the key prefix (or exact key) in each.
-    fn entity_ranges(&self, entity: &EntityKey) -> Vec<(&'static str, &Tree, Vec<u8>, bool)> {
+    /// The trees holding `entity`'s records, and in each the key prefix its keys start
+    /// with (or, for a handle, the exact key: another handle may extend it).
+    fn entity_ranges(&self, entity: &EntityKey) -> Vec<(&Tree, Vec<u8>, bool)> {
         let i = &self.inner;
         match entity {
-            EntityKey::User(id) => vec![("users", &i.users, id.as_bytes().to_vec(), true)],
+            EntityKey::User(id) => vec![(&i.users, id.as_bytes().to_vec(), true)],
             EntityKey::Conversation(id) => vec![
-                (
-                    "conversations",
-                    &i.conversations,
-                    id.as_bytes().to_vec(),
-                    true,
-                ),
-                ("fanout", &i.fanout, id.as_bytes().to_vec(), false),
+                (&i.conversations, id.as_bytes().to_vec(), true),
+                (&i.fanout, id.as_bytes().to_vec(), true),
             ],
             EntityKey::Group(id) => vec![
-                ("groups", &i.groups, id.as_bytes().to_vec(), true),
-                (
-                    "groups_pending",
-                    &i.groups_pending,
-                    id.as_bytes().to_vec(),
-                    false,
-                ),
+                (&i.groups, id.as_bytes().to_vec(), true),
+                (&i.groups_pending, id.as_bytes().to_vec(), true),
             ],
-            EntityKey::Handle(h) => vec![("handles", &i.handles, h.as_bytes().to_vec(), false)],
-            EntityKey::Media(id) => vec![("media", &i.media, id.as_bytes().to_vec(), true)],
+            EntityKey::Handle(h) => vec![(&i.handles, h.as_bytes().to_vec(), false)],
+            EntityKey::Media(id) => vec![(&i.media, id.as_bytes().to_vec(), true)],
         }
     }
 
-    fn tree_named(&self, name: &str) -> Option<&Tree> {
-        let i = &self.inner;
-        Some(match name {
-            "users" => &i.users,
-            "conversations" => &i.conversations,
-            "fanout" => &i.fanout,
-            "groups" => &i.groups,
-            "groups_pending" => &i.groups_pending,
-            "handles" => &i.handles,
-            "media" => &i.media,
-            _ => return None,
-        })
+    /// The keys and values of one range of `entity_ranges`.
+    fn range_records(tree: &Tree, key: &[u8], prefix: bool) -> Result<Vec<(IVec, IVec)>> {
+        if prefix {
+            Ok(tree.scan_prefix(key).collect::<sled::Result<_>>()?)
+        } else {
+            Ok(tree
+                .get(key)?
+                .map(|v| (IVec::from(key), v))
+                .into_iter()
+                .collect())
+        }
     }
 
     /// Reads every record of `entity`.
     pub fn export_entity(&self, entity: &EntityKey) -> Result<EntityDump> {
         let mut dump = EntityDump::default();
-        for (name, tree, key, is_prefix) in self.entity_ranges(entity) {
-            if is_prefix {
-                for item in tree.scan_prefix(&key) {
-                    let (k, v) = item?;
-                    dump.records
-                        .push((name.to_string(), k.to_vec(), v.to_vec()));
-                }
-            } else if let Some(v) = tree.get(&key)? {
-                dump.records.push((name.to_string(), key, v.to_vec()));
+        for (tree, key, prefix) in self.entity_ranges(entity) {
+            let name = String::from_utf8_lossy(&tree.name()).into_owned();
+            for (k, v) in Self::range_records(tree, &key, prefix)? {
+                dump.records.push((name.clone(), k.to_vec(), v.to_vec()));
             }
         }
         Ok(dump)
     }
 
     /// Writes an exported entity (one atomic batch per tree). Not durable until a
-    /// commit; a dump naming an unknown tree is refused whole.
+    /// commit; a dump naming a tree that entities do not live in is refused whole.
     pub fn import_entity(&self, dump: &EntityDump) -> Result<()> {
-        let mut batches: std::collections::BTreeMap<&str, Batch> = Default::default();
+        let i = &self.inner;
+        let trees = [
+            &i.users,
+            &i.conversations,
+            &i.fanout,
+            &i.groups,
+            &i.groups_pending,
+            &i.handles,
+            &i.media,
+        ];
+        let mut batches: Vec<(&Tree, Batch)> = Vec::new();
         for (name, k, v) in &dump.records {
-            if self.tree_named(name).is_none() {
+            let Some(tree) = trees.iter().find(|t| *t.name() == *name.as_bytes()) else {
                 return Err(corrupt("import", k, &format!("unknown tree {name:?}")));
-            }
-            batches
-                .entry(name.as_str())
-                .or_default()
-                .insert(k.as_slice(), v.as_slice());
+            };
+            let at = match batches.iter().position(|(t, _)| t.name() == tree.name()) {
+                Some(at) => at,
+                None => {
+                    batches.push((tree, Batch::default()));
+                    batches.len() - 1
+                }
+            };
+            batches[at].1.insert(k.as_slice(), v.as_slice());
         }
-        for (name, batch) in batches {
-            if let Some(tree) = self.tree_named(name) {
-                tree.apply_batch(batch)?;
-            }
+        for (tree, batch) in batches {
+            tree.apply_batch(batch)?;
         }
         Ok(())
     }
 
     /// Removes every record of `entity` (once its new home has confirmed a copy).
     pub fn delete_entity(&self, entity: &EntityKey) -> Result<()> {
-        for (_, tree, key, is_prefix) in self.entity_ranges(entity) {
-            if is_prefix {
-                let mut batch = Batch::default();
-                for k in tree.scan_prefix(&key).keys() {
-                    batch.remove(k?);
-                }
-                tree.apply_batch(batch)?;
-            } else {
-                tree.remove(&key)?;
+        for (tree, key, prefix) in self.entity_ranges(entity) {
+            let mut batch = Batch::default();
+            for (k, _) in Self::range_records(tree, &key, prefix)? {
+                batch.remove(k);
             }
+            tree.apply_batch(batch)?;
         }
         Ok(())
     }
@@ -961,14 +953,15 @@ mod tests {
         assert_eq!(counts.total(), 4);
     }
 
-    #[test]
-    fn ring_versions_count_changes() {
+    #[tokio::test]
+    async fn ring_versions_count_changes() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.ring_version(0xA).unwrap(), 1);
             assert_eq!(store.ring_version(0xA).unwrap(), 1);
             assert_eq!(store.ring_version(0xB).unwrap(), 2);
+            store.commit(1).await.unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.ring_version(0xB).unwrap(), 2);

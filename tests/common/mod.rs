@@ -64,6 +64,17 @@ pub fn u64_field(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("field `{key}` is not an unsigned integer in {v}"))
 }
 
+/// `(a, b)` string fields of every object in the array `v[list]`: e.g. a group's
+/// `members` as `(user_id, role)`.
+pub fn field_pairs(v: &Value, list: &str, a: &str, b: &str) -> Vec<(String, String)> {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `{list}` array in {v}"))
+        .iter()
+        .map(|o| (str_field(o, a).to_string(), str_field(o, b).to_string()))
+        .collect()
+}
+
 /// `v[key]` as &str, panicking with context otherwise.
 pub fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key]
