@@ -78,7 +78,7 @@ fn serve(path: PathBuf, node: Option<String>) -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = actix_web::rt::System::new()
-        .block_on(switchboard::net::serve(config, node))
+        .block_on(switchboard::net::serve(config, node, path))
         .map_err(anyhow::Error::from);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,12 @@ pub struct Metrics {
     /// batching.
     pub peer_messages: IntCounter,
     pub peer_frames: IntCounter,
+    /// The ring version this node serves.
+    pub ring_version: prometheus::IntGauge,
+    /// Entities this node handed off to their new home.
+    pub handoff_entities: IntCounter,
+    /// Duration of this node's share of each handoff.
+    pub handoff_seconds: Histogram,
 }
 
 impl Metrics {
@@ -148,7 +154,26 @@ impl Metrics {
             "Frames (calls, answers, casts) written to peer links",
         )
         .expect("static metric");
+        let ring_version =
+            prometheus::IntGauge::new("ring_version", "The ring version this node serves")
+                .expect("static metric");
+        let handoff_entities = IntCounter::new(
+            "handoff_entities_total",
+            "Entities this node handed off to their new home node",
+        )
+        .expect("static metric");
+        let handoff_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "handoff_seconds",
+                "Time this node took to hand off its share of a ring change",
+            )
+            .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).expect("static buckets")),
+        )
+        .expect("static metric");
         let m = Metrics {
+            ring_version,
+            handoff_entities,
+            handoff_seconds,
             peer_messages,
             peer_frames,
             peer_up,
@@ -190,6 +215,9 @@ impl Metrics {
             Box::new(m.peer_calls_failed.clone()),
             Box::new(m.peer_messages.clone()),
             Box::new(m.peer_frames.clone()),
+            Box::new(m.ring_version.clone()),
+            Box::new(m.handoff_entities.clone()),
+            Box::new(m.handoff_seconds.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

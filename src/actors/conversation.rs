@@ -908,3 +908,12 @@ impl Handler<ConversationCall> for ConversationActor {
         }
     }
 }
+
+impl Handler<Retire> for ConversationActor {
+    type Result = ();
+
+    /// What fan-out was in flight resumes at the new home, from the stored mark.
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -470,6 +470,14 @@ impl Handler<GroupCall> for GroupActor {
     }
 }
 
+impl Handler<Retire> for GroupActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -345,3 +345,9 @@ pub struct GroupCall(pub GroupRequest);
 #[derive(Clone, Message)]
 #[rtype(result = "Result<ConversationReply, ActorError>")]
 pub struct ConversationCall(pub ConversationRequest);
+
+/// Stops an entity actor for good on this node: its entity is moving to another node
+/// (handoff). Handled in mailbox order, so it lands between calls, never inside one.
+#[derive(Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Retire;

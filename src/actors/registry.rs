@@ -20,7 +20,7 @@ use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 use super::conversation::ConversationActor;
 use super::error::ActorError;
 use super::group::GroupActor;
-use super::messages::ConversationRequest;
+use super::messages::{ConversationRequest, Retire};
 use super::route::Route;
 use super::user::UserActor;
 use crate::config::Limits;
@@ -284,6 +284,31 @@ impl Registry {
     /// The disk's last failure, while it keeps failing (for `/healthz`).
     pub fn storage_failure(&self) -> Option<String> {
         self.store.failure()
+    }
+
+    /// Stops, for good, the running actors of the entities whose ring key `leaving`
+    /// picks (they are moving to another node), and waits until each has stopped.
+    pub async fn retire(&self, leaving: impl Fn(&str) -> bool) {
+        async fn stop_all<K, A>(map: &Mutex<HashMap<K, Addr<A>>>, pick: impl Fn(&K) -> bool)
+        where
+            K: Eq + Hash + Copy,
+            A: Actor<Context = actix::Context<A>> + actix::Handler<Retire>,
+        {
+            let addrs: Vec<Addr<A>> = {
+                let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+                let keys: Vec<K> = map.keys().filter(|k| pick(k)).copied().collect();
+                keys.iter().filter_map(|k| map.remove(k)).collect()
+            };
+            let stops = addrs.iter().map(|a| a.send(Retire));
+            // An actor already dead answers with an error: it is stopped either way.
+            let _ = futures_util::future::join_all(stops).await;
+        }
+        stop_all(&self.users, |id: &UserId| leaving(&id.ring_key())).await;
+        stop_all(&self.conversations, |id: &ConversationId| {
+            leaving(&id.ring_key())
+        })
+        .await;
+        stop_all(&self.groups, |id: &GroupId| leaving(&id.ring_key())).await;
     }
 
     /// Called by a stopping user actor: later calls start a fresh one.

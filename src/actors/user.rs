@@ -780,3 +780,26 @@ impl Handler<UserCall> for UserActor {
         }
     }
 }
+
+impl Handler<Retire> for UserActor {
+    type Result = ();
+
+    /// The user's sessions are closed so that their clients reconnect and attach at the
+    /// user's new home. (Presence watchers are not carried over: a watcher's
+    /// subscription ends with the move, written down as a limit.)
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        if let Some(route) = self.registry.route() {
+            for s in &self.sessions {
+                route.deliver(
+                    self.id,
+                    &s.session,
+                    SessionEvent::Close {
+                        code: 1012,
+                        reason: "this user moved to another node: reconnect and sync".into(),
+                    },
+                );
+            }
+        }
+        ctx.stop();
+    }
+}

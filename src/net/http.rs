@@ -33,6 +33,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/metrics", web::get().to(metrics_text))
         .service(resource("/admin/cluster").get(admin_cluster))
+        .service(resource("/admin/reload").post(admin_reload))
         .service(
             web::scope("/api/v1")
                 .service(resource("/users").get(find_user).post(register))
@@ -128,6 +129,16 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let registry = state.router.registry();
+    if !state.router.serving() {
+        let why = state
+            .router
+            .membership()
+            .waiting
+            .clone()
+            .unwrap_or_else(|| "waiting to learn the cluster's ring".into());
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"error": {"code": "starting", "message": why}}));
+    }
     match registry.storage_failure() {
         None => HttpResponse::Ok().json(json!({"status": "ok", "node_id": state.router.node_id()})),
         Some(e) => HttpResponse::ServiceUnavailable()
@@ -173,19 +184,36 @@ async fn admin_cluster(
 ) -> Result<HttpResponse, ApiError> {
     admin(&state, &req)?;
     let router = &state.router;
-    let nodes: Vec<serde_json::Value> = router
-        .cluster_view()
-        .await
+    let (view, pending) = router.cluster_view().await;
+    let nodes: Vec<serde_json::Value> = view
         .into_iter()
-        .map(|(id, up, owned)| {
-            json!({"id": id, "status": if up { "up" } else { "down" }, "owned_entities": owned})
-        })
+        .map(|(id, status, owned)| json!({"id": id, "status": status, "owned_entities": owned}))
         .collect();
     Ok(HttpResponse::Ok().json(json!({
         "node_id": router.node_id(),
         "ring_version": router.ring_version(),
         "nodes": nodes,
-        "handoffs_pending": 0,
+        "handoffs_pending": pending,
+    })))
+}
+
+/// `POST /admin/reload`: re-reads cluster.toml, as SIGHUP does. 200 with what happens
+/// next; 400 `invalid_config` for a file that does not parse, 409 `reload_refused` for
+/// one this node cannot move to (it keeps serving its ring).
+async fn admin_reload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    admin(&state, &req)?;
+    let config = crate::config::ClusterConfig::load(&state.config_path)
+        .map_err(|e| ApiError::new(400, "invalid_config", e.to_string()))?;
+    let message = state
+        .router
+        .reload(&config)
+        .map_err(|e| ApiError::new(409, "reload_refused", e))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "ring_version": state.router.ring_version(),
+        "message": message,
     })))
 }
 
@@ -514,7 +542,13 @@ async fn upload_media(
             "upload shorter than its Content-Length",
         ));
     }
-    let id = state.router.new_media_id();
+    let id = state.router.new_media_id().ok_or_else(|| {
+        ApiError::new(
+            503,
+            "owner_unavailable",
+            "this node is joining or leaving the cluster and stores no uploads until that is done: try again shortly or upload through another node",
+        )
+    })?;
     let rec = registry
         .save_media(writer, id, content_type, me.user)
         .await?;

@@ -17,7 +17,9 @@
 //! `net` imports `actors` (and `storage` only to open it at start-up).
 
 mod api;
+mod handoff;
 mod http;
+pub mod membership;
 pub mod peer;
 mod protocol;
 mod push;
@@ -30,7 +32,7 @@ use std::sync::{Arc, Weak};
 
 use actix_web::{web, App, HttpServer};
 
-use crate::actors::{ConversationRequest, Registry, Route};
+use crate::actors::{Registry, Route};
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::storage::{StorageError, Store};
 
@@ -61,25 +63,25 @@ pub(crate) struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// For reading media from their home node on a client's behalf.
     pub http: reqwest::Client,
+    /// The cluster file, re-read by `POST /admin/reload`.
+    pub config_path: Arc<std::path::Path>,
 }
 
-/// Runs one node until it is told to stop (SIGINT/SIGTERM). Must be called inside an
-/// actix system.
-pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetError> {
+/// Runs one node until it is told to stop (SIGINT/SIGTERM), or until it has left the
+/// cluster. `config_path` is re-read on SIGHUP. Must be called inside an actix system.
+pub async fn serve(
+    config: ClusterConfig,
+    node: NodeConfig,
+    config_path: std::path::PathBuf,
+) -> Result<(), NetError> {
     let store = Store::open(&node.data_dir)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let registry = Registry::new(store, config.limits.clone(), threads);
-    let ring = ring::Ring::new(
-        config.nodes.iter().map(|n| n.id.clone()),
-        config.cluster.vnodes,
-    );
     let pusher = config.push.clone().map(push::Pusher::start);
-    let ring_version = registry.store().ring_version(ring.signature())?;
-    registry.store().commit(1).await?;
+    let stored = registry.store().ring_record()?;
     let hello = peer::Hello {
         node: node.id.clone(),
         protocol: peer::PEER_PROTOCOL,
-        ring: ring.signature(),
     };
     let (peers, links) = peer::PeerLinks::new(
         hello,
@@ -91,16 +93,11 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
     );
     let router = Router::new(
         node.id.clone(),
-        ring,
-        ring_version,
+        &config,
+        stored,
         Arc::clone(&registry),
         pusher,
         Arc::clone(&peers),
-        config
-            .nodes
-            .iter()
-            .map(|n| (n.id.clone(), n.client_addr))
-            .collect(),
     );
     let weak: Weak<dyn Route> = Arc::downgrade(&(Arc::clone(&router) as Arc<dyn Route>));
     registry.set_route(weak);
@@ -113,35 +110,11 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
             addr: node.peer_addr,
             source,
         })?;
-
-    // Conversations whose fan-out was cut short by the last stop pick it up again.
-    let pending = registry
-        .pending_fanouts()
-        .map_err(|e| StorageError::Io(e.to_string()))?;
-    if !pending.is_empty() {
-        tracing::info!(count = pending.len(), "resuming pending fan-out");
-    }
-    for id in pending {
-        let call = router.conversation(id, ConversationRequest::Resume);
-        actix::spawn(async move {
-            if let Err(e) = call.await {
-                tracing::warn!(conversation_id = %id, error = %e, "cannot resume fan-out");
-            }
-        });
-    }
-    // Groups with a membership change not yet announced: their actors retry until the
-    // conversation confirms it.
-    let groups = registry
-        .pending_groups()
-        .map_err(|e| StorageError::Io(e.to_string()))?;
-    for id in groups {
-        let call = router.group(id, crate::actors::GroupRequest::Settle);
-        actix::spawn(async move {
-            if let Err(e) = call.await {
-                tracing::info!(group_id = %id, error = %e, "membership change still pending; its group retries");
-            }
-        });
-    }
+    actix::spawn(Arc::clone(&router).run_membership());
+    // Conversations whose fan-out was cut short by the last stop pick it up again, and
+    // groups with a membership change not yet announced retry it.
+    router.resume_pending();
+    reload_on_sighup(Arc::clone(&router), config_path.clone())?;
 
     // Sessions frozen by a client that stopped reading cannot run their own heartbeat:
     // sweep them here, so their users go offline on time.
@@ -181,9 +154,11 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
             .read_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| NetError::Io(std::io::Error::other(e)))?,
+        config_path: Arc::from(config_path.as_path()),
     };
     tracing::info!(node = %node.id, addr = %node.client_addr, data_dir = %node.data_dir.display(), "serving");
-    HttpServer::new(move || {
+    let left = Arc::clone(&state.router);
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .configure(http::routes)
@@ -195,7 +170,34 @@ pub async fn serve(config: ClusterConfig, node: NodeConfig) -> Result<(), NetErr
         addr: node.client_addr,
         source,
     })?
-    .run()
-    .await?;
+    .run();
+    // A node that has left the cluster stops serving.
+    let handle = server.handle();
+    actix::spawn(async move {
+        left.left.notified().await;
+        handle.stop(true).await;
+    });
+    server.await?;
     Ok(())
+}
+
+/// Re-reads the cluster file on every SIGHUP (as `POST /admin/reload` does); a file
+/// that cannot be used is reported and the node keeps its rings.
+fn reload_on_sighup(router: Arc<Router>, path: std::path::PathBuf) -> Result<(), NetError> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    actix::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match reload(&router, &path) {
+                Ok(news) => tracing::info!(file = %path.display(), "{news}"),
+                Err(e) => tracing::error!(file = %path.display(), "reload refused: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads `path` and hands it to the router; the answer says what happens next.
+fn reload(router: &Router, path: &std::path::Path) -> Result<String, String> {
+    let config = ClusterConfig::load(path).map_err(|e| e.to_string())?;
+    router.reload(&config)
 }

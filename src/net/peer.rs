@@ -6,10 +6,14 @@
 //! length-delimited messages (tokio-util's codec, at most [`MAX_PEER_FRAME`] bytes), each
 //! holding one or more bincode-encoded [`Frame`]s, every one prefixed by its length.
 //!
-//! - **Handshake.** The connecting side sends `Hello { node, protocol, ring }` and the
+//! - **Handshake.** The connecting side sends `Hello { node, protocol }` and the
 //!   accepting side answers with its own. A link is used only when both speak
-//!   [`PEER_PROTOCOL`] and have the same ring signature: a node never serves a call
-//!   for an entity that its ring may not give it.
+//!   [`PEER_PROTOCOL`] and each is in the other's cluster file. Which ring each serves
+//!   is not the link's business: nodes tell each other in a `Ring` cast
+//!   (`net/membership.rs`), and a node serves a call only for an entity its own ring
+//!   state gives it.
+//! - **Links come and go** with the cluster file: a reload adds links to new nodes, a
+//!   committed ring drops the links to nodes no longer in it.
 //! - **Calls** carry a correlation id; the answer comes back on the same connection.
 //!   A caller waits at most [`CALL_TIMEOUT`]; a link that is down answers
 //!   `owner_unavailable` at once, so nothing hangs on a dead node.
@@ -39,7 +43,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,7 +59,7 @@ use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 
 /// Version of the frames below; peers on another version are refused.
-pub const PEER_PROTOCOL: u32 = 1;
+pub const PEER_PROTOCOL: u32 = 2;
 /// Largest frame a link accepts (an inbox append carries at most 256 messages of at
 /// most `max_message_bytes` each).
 pub const MAX_PEER_FRAME: usize = 64 << 20;
@@ -84,8 +88,6 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 pub struct Hello {
     pub node: String,
     pub protocol: u32,
-    /// The sender's ring signature (`Ring::signature`).
-    pub ring: u64,
 }
 
 /// A request for an entity homed on the receiving node.
@@ -101,6 +103,23 @@ pub enum PeerCall {
     ResolveHandle(String),
     /// How many entities the receiving node stores.
     Owned,
+    /// Entities handed off to the receiving node, for the ring with signature `ring`:
+    /// raw records (see `storage::EntityDump`); durable before the answer if `commit`.
+    Import {
+        ring: u64,
+        records: Vec<(String, Vec<u8>, Vec<u8>)>,
+        commit: bool,
+    },
+    /// Whether the receiving node holds the media bytes with this hash (`Count` 1 or 0).
+    HasMediaFile(String),
+    /// Part of a media file handed off; the file is whole (and checked against its
+    /// hash) after the `last` part.
+    MediaChunk {
+        sha256: String,
+        offset: u64,
+        bytes: Vec<u8>,
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +146,8 @@ pub enum PeerCast {
     },
     /// A best-effort event for the live sessions of a user homed on the receiving node.
     Notify { user: UserId, event: SessionEvent },
+    /// The sender's ring state, every second and on every change.
+    Ring(super::membership::RingState),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -224,6 +245,9 @@ struct Link {
     up: AtomicBool,
     /// Cuts the reconnect backoff short: the peer just dialled us, so it is back.
     wake: tokio::sync::Notify,
+    /// Set when the node leaves the cluster file: the link stops for good.
+    closed: AtomicBool,
+    stop: tokio::sync::Notify,
     /// The writer of the peer's own link to us, while it is connected: casts take it
     /// when our outbound link is not up (yet). A restarted peer's link to us comes up
     /// before ours to it, and events for its sessions must not be lost in between.
@@ -259,7 +283,7 @@ impl Link {
 /// This node's links to every other node.
 pub struct PeerLinks {
     me: Hello,
-    links: HashMap<String, Arc<Link>>,
+    links: RwLock<HashMap<String, Arc<Link>>>,
     handler: OnceLock<Weak<dyn PeerHandler>>,
 }
 
@@ -272,32 +296,63 @@ impl PeerLinks {
         let mut links = HashMap::new();
         let mut rxs = Vec::new();
         for (node, addr) in peers {
-            let (tx, rx) = mpsc::channel(LINK_QUEUE);
-            let link = Arc::new(Link {
-                node: node.clone(),
-                addr,
-                tx,
-                generation: AtomicU64::new(0),
-                pending: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
-                up: AtomicBool::new(false),
-                wake: tokio::sync::Notify::new(),
-                reverse: Mutex::new(None),
-            });
-            rxs.push(LinkRx {
-                link: Arc::clone(&link),
-                rx,
-            });
+            let (link, rx) = new_link(node.clone(), addr);
+            rxs.push(rx);
             links.insert(node, link);
         }
         (
             Arc::new(PeerLinks {
                 me,
-                links,
+                links: RwLock::new(links),
                 handler: OnceLock::new(),
             }),
             rxs,
         )
+    }
+
+    /// Adds a link to a node that joined the cluster file (no-op if there is one).
+    /// Must run inside an actix system, after `start`.
+    pub fn add(self: &Arc<Self>, node: &str, addr: SocketAddr) {
+        let mut links = self.links.write().unwrap_or_else(|p| p.into_inner());
+        if links.contains_key(node) {
+            return;
+        }
+        let (link, rx) = new_link(node.to_string(), addr);
+        links.insert(node.to_string(), link);
+        let me = Arc::clone(self);
+        actix::spawn(async move { me.run_link(rx).await });
+    }
+
+    /// Drops the link to a node no longer in the cluster, for good.
+    pub fn remove(&self, node: &str) {
+        let link = self
+            .links
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+        if let Some(link) = link {
+            link.closed.store(true, Ordering::Release);
+            link.stop.notify_one();
+            link.wake.notify_one();
+        }
+    }
+
+    /// The nodes this node has links to.
+    pub fn nodes(&self) -> Vec<String> {
+        self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn link(&self, node: &str) -> Option<Arc<Link>> {
+        self.links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
     }
 
     /// Wires in the handler, then starts the outbound links and the listener. Must run
@@ -325,18 +380,13 @@ impl PeerLinks {
 
     /// Whether the link to `node` is up now.
     pub fn is_up(&self, node: &str) -> bool {
-        self.links
-            .get(node)
+        self.link(node)
             .is_some_and(|l| l.up.load(Ordering::Acquire))
     }
 
     /// Sends a call to `node` and waits (bounded) for its answer.
     pub fn call(&self, node: &str, call: PeerCall) -> Call<PeerReply> {
-        let Some(link) = self
-            .links
-            .get(node)
-            .filter(|l| l.up.load(Ordering::Acquire))
-        else {
+        let Some(link) = self.link(node).filter(|l| l.up.load(Ordering::Acquire)) else {
             return Box::pin(async { Err(ActorError::Unavailable) });
         };
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -346,7 +396,7 @@ impl PeerLinks {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
         let pending = Pending {
-            link: Arc::clone(link),
+            link: Arc::clone(&link),
             id,
         };
         // Queued now, so calls made in order leave in order.
@@ -371,7 +421,7 @@ impl PeerLinks {
     /// Sends a one-way message, over our link to `node` or, while that is not up, over
     /// its link to us; `false` if neither is up or the queue is full.
     pub fn cast(&self, node: &str, cast: PeerCast) -> bool {
-        let Some(link) = self.links.get(node) else {
+        let Some(link) = self.link(node) else {
             return false;
         };
         if link.up.load(Ordering::Acquire) {
@@ -389,7 +439,7 @@ impl PeerLinks {
         let link = Arc::clone(&rx.link);
         let mut backoff = RETRY_MIN;
         let mut warned = false;
-        loop {
+        while !link.closed.load(Ordering::Acquire) {
             match self.connect(&link).await {
                 Ok(wire) => {
                     backoff = RETRY_MIN;
@@ -423,6 +473,7 @@ impl PeerLinks {
             }
             backoff = (backoff * 2).min(RETRY_MAX);
         }
+        tracing::info!(peer = %link.node, "peer link closed: the node left the cluster");
     }
 
     async fn connect(&self, link: &Link) -> Result<Wire, String> {
@@ -448,7 +499,7 @@ impl PeerLinks {
                 expected, theirs.node
             ));
         }
-        if !self.links.contains_key(&theirs.node) {
+        if self.link(&theirs.node).is_none() {
             return Err(format!(
                 "node {:?} is not in this node's cluster.toml",
                 theirs.node
@@ -458,12 +509,6 @@ impl PeerLinks {
             return Err(format!(
                 "peer speaks protocol {}, this node {PEER_PROTOCOL}",
                 theirs.protocol
-            ));
-        }
-        if theirs.ring != self.me.ring {
-            return Err(format!(
-                "ring differs (peer {:016x}, this node {:016x}): are the cluster.toml files the same?",
-                theirs.ring, self.me.ring
             ));
         }
         Ok(())
@@ -483,6 +528,7 @@ impl PeerLinks {
         let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                _ = link.stop.notified() => return "the node left the cluster".into(),
                 queued = rx.recv() => {
                     let Some(first) = queued else { return "node stopping".into() };
                     if let Err(e) = write_batch(&mut sink, first, rx, Some(generation)).await {
@@ -579,7 +625,7 @@ impl PeerLinks {
         });
         // The peer is up: offer this connection for our casts, and dial it back now.
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-        let link = self.links.get(&from).cloned();
+        let link = self.link(&from);
         if let Some(link) = &link {
             *link.reverse.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, tx.clone()));
             link.wake.notify_one();
@@ -638,6 +684,28 @@ impl PeerLinks {
         }
         result
     }
+}
+
+fn new_link(node: String, addr: SocketAddr) -> (Arc<Link>, LinkRx) {
+    let (tx, rx) = mpsc::channel(LINK_QUEUE);
+    let link = Arc::new(Link {
+        node,
+        addr,
+        tx,
+        generation: AtomicU64::new(0),
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        up: AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
+        closed: AtomicBool::new(false),
+        stop: tokio::sync::Notify::new(),
+        reverse: Mutex::new(None),
+    });
+    let rx = LinkRx {
+        link: Arc::clone(&link),
+        rx,
+    };
+    (link, rx)
 }
 
 /// The receiving end of a link's queue, handed to its connection task.

@@ -9,69 +9,155 @@
 //!
 //! The router is also this node's [`PeerHandler`]: it serves the calls peers send for
 //! entities homed here (and only those: a call for an entity this ring does not give
-//! us is refused, never forwarded), applies their casts, and cleans up when a link
+//! us is refused, never bounced back), applies their casts, and cleans up when a link
 //! drops: sessions on the lost node are forgotten by the users here, and sessions here
 //! of users homed there are closed, so their clients reconnect and sync.
+//!
+//! It keeps the node's [`Membership`] (which ring it serves, which it moves to) behind
+//! one lock, and places every call by it: while an entity moves to its next home its
+//! calls are held here, then forwarded, in the order they came (`net/handoff.rs` moves
+//! the data). It runs the membership loop: tell the peers our ring state, read theirs,
+//! and adopt, hand off or commit as `membership::decide` says.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, MailboxError};
+use tokio::sync::oneshot;
 
+use super::membership::{decide, Held, Membership, NodeAddrs, Phase, Place, Step};
 use super::peer::{PeerCall, PeerCast, PeerHandler, PeerLinks, PeerReply};
 use super::push::Pusher;
 use super::ring::Ring;
 use super::sessions::SessionTable;
 use crate::actors::*;
+use crate::config::ClusterConfig;
 use crate::ids::{handle_ring_key, media_ring_key, ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
+use crate::storage::{MediaWriter, RingRecord};
 
 /// Longest an entity call may take before the caller gets `Unavailable`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts when the actor turns out to have stopped under us.
 const ATTEMPTS: usize = 3;
 
+/// How often the membership loop tells the peers our ring state and looks at theirs.
+const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
+/// A leaving node waits at most this long, once committed, for the others to commit
+/// too before it stops serving.
+const LEAVE_GRACE: Duration = Duration::from_secs(10);
+
 pub struct Router {
+    this: std::sync::Weak<Router>,
     node_id: String,
-    ring: Ring,
-    ring_version: u64,
+    membership: Arc<Mutex<Membership>>,
+    /// Wakes the membership loop (a peer's state or our own changed).
+    changed: tokio::sync::Notify,
     /// Entities each peer last said it owns, for `GET /admin/cluster`.
-    peer_owned: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    peer_owned: Mutex<HashMap<String, u64>>,
     registry: Arc<Registry>,
     sessions: SessionTable,
     pusher: Option<Pusher>,
     peers: Arc<PeerLinks>,
-    /// Every node's client address, to proxy media reads to their home.
-    client_addrs: std::collections::HashMap<String, std::net::SocketAddr>,
+    /// Media files arriving in a handoff, by hash: the writer and the next offset.
+    arriving_files: tokio::sync::Mutex<HashMap<String, (MediaWriter, u64)>>,
+    /// Notified when this node has left the cluster and should stop serving.
+    pub(crate) left: tokio::sync::Notify,
 }
 
-/// Where an entity lives.
-enum Home<'a> {
+/// Where an entity lives (by the committed ring).
+enum Home {
     Here,
-    Peer(&'a str),
+    Peer(String),
+}
+
+/// Counts a call for a leaving entity until it is answered (see `Place::Here`).
+struct InFlight(Arc<Mutex<Membership>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.0).inflight -= 1;
+    }
+}
+
+fn lock(m: &Mutex<Membership>) -> MutexGuard<'_, Membership> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Router {
+    /// A router for node `node_id` of `config`, serving `stored` (the ring this node
+    /// last committed, if any) until the cluster agrees on the file's ring.
     pub fn new(
         node_id: String,
-        ring: Ring,
-        ring_version: u64,
+        config: &ClusterConfig,
+        stored: Option<RingRecord>,
         registry: Arc<Registry>,
         pusher: Option<Pusher>,
         peers: Arc<PeerLinks>,
-        client_addrs: std::collections::HashMap<String, std::net::SocketAddr>,
     ) -> Arc<Self> {
-        Arc::new(Router {
+        let vnodes = config.cluster.vnodes;
+        let target = Ring::new(config.nodes.iter().map(|n| n.id.clone()), vnodes);
+        let handed_off = stored
+            .as_ref()
+            .is_some_and(|r| r.handed_off == Some(target.signature()));
+        let committed = stored.map(|r| (r.version, Ring::new(r.nodes, r.vnodes)));
+        let membership = Membership {
+            me: node_id.clone(),
+            vnodes,
+            committed,
+            target,
+            addrs: config
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.id.clone(),
+                        NodeAddrs {
+                            client: n.client_addr,
+                            peer: n.peer_addr,
+                        },
+                    )
+                })
+                .collect(),
+            peers: HashMap::new(),
+            handed_off,
+            phase: if handed_off {
+                Phase::Moving(Default::default())
+            } else {
+                Phase::Idle
+            },
+            inflight: 0,
+            held: Vec::new(),
+            handing_off: false,
+            waiting: None,
+        };
+        Arc::new_cyclic(|this| Router {
+            this: this.clone(),
             node_id,
-            ring,
-            ring_version,
+            membership: Arc::new(Mutex::new(membership)),
+            changed: tokio::sync::Notify::new(),
             peer_owned: Default::default(),
             registry,
             sessions: SessionTable::default(),
             pusher,
             peers,
-            client_addrs,
+            arriving_files: Default::default(),
+            left: tokio::sync::Notify::new(),
         })
+    }
+
+    pub(crate) fn membership(&self) -> MutexGuard<'_, Membership> {
+        lock(&self.membership)
+    }
+
+    pub(crate) fn peers(&self) -> &Arc<PeerLinks> {
+        &self.peers
+    }
+
+    /// Whether this node serves a ring (a fresh node waits to learn its cluster's).
+    pub fn serving(&self) -> bool {
+        self.membership().committed.is_some()
     }
 
     pub fn sessions(&self) -> &SessionTable {
@@ -80,10 +166,6 @@ impl Router {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
-    }
-
-    pub fn ring(&self) -> &Ring {
-        &self.ring
     }
 
     /// Whether `user` lives on this node.
@@ -96,32 +178,36 @@ impl Router {
     pub fn reachable(&self, user: UserId) -> bool {
         match self.home(&user.ring_key()) {
             Ok(Home::Here) => true,
-            Ok(Home::Peer(node)) => self.peers.is_up(node),
+            Ok(Home::Peer(node)) => self.peers.is_up(&node),
             Err(_) => false,
         }
     }
 
-    /// A fresh media id homed on this node, so an upload is stored where it arrives.
-    /// (A random id lands here with probability 1/n; a few tries suffice.)
-    pub fn new_media_id(&self) -> uuid::Uuid {
-        loop {
-            let id = uuid::Uuid::new_v4();
-            if matches!(self.home(&media_ring_key(&id)), Ok(Home::Here) | Err(_)) {
-                return id;
-            }
-        }
+    /// A fresh media id homed on this node, so an upload is stored where it arrives:
+    /// by the committed ring and, during a ring change, by the next one too. (A
+    /// random id lands here with probability about 1/n.) `None` if no id does: a
+    /// joining or leaving node stores no uploads until the change is committed.
+    pub fn new_media_id(&self) -> Option<uuid::Uuid> {
+        let m = self.membership();
+        (0..1000).map(|_| uuid::Uuid::new_v4()).find(|id| {
+            let key = media_ring_key(id);
+            m.place(key.as_bytes()) == Place::Here { leaving: false }
+        })
     }
 
-    /// The client address of the media's home, if that is another node.
+    /// The client address of the node serving the media, if that is another node:
+    /// its home, or its next home once it has moved there.
     pub fn media_elsewhere(&self, id: &uuid::Uuid) -> Option<std::net::SocketAddr> {
-        match self.home(&media_ring_key(id)) {
-            Ok(Home::Peer(node)) => self.client_addrs.get(node).copied(),
-            _ => None,
-        }
+        let m = self.membership();
+        let node = match m.place(media_ring_key(id).as_bytes()) {
+            Place::Peer(node) | Place::Forward(node) => node,
+            _ => return None,
+        };
+        m.addrs.get(&node).map(|a| a.client)
     }
 
     pub fn ring_version(&self) -> u64 {
-        self.ring_version
+        self.membership().version()
     }
 
     /// Entities stored on this node, counted on the blocking pool (it reads the whole
@@ -130,15 +216,39 @@ impl Router {
         self.registry.entity_count().await
     }
 
-    /// What `GET /admin/cluster` lists for each node: `(id, up, owned entities)`. A
-    /// peer that does not answer is down and shows what it last reported.
-    pub async fn cluster_view(&self) -> Vec<(String, bool, u64)> {
-        let others: Vec<&String> = self
-            .ring
-            .nodes()
-            .iter()
-            .filter(|n| **n != self.node_id)
-            .collect();
+    /// What `GET /admin/cluster` lists for each node of the committed and next rings:
+    /// `(id, status, owned entities)`, and the handoffs still to do. A peer that does
+    /// not answer is down and shows what it last reported.
+    pub async fn cluster_view(&self) -> (Vec<(String, &'static str, u64)>, u64) {
+        let (nodes, statuses, pending) = {
+            let m = self.membership();
+            let committed: Vec<String> = m
+                .committed
+                .iter()
+                .flat_map(|(_, r)| r.nodes().to_vec())
+                .collect();
+            let mut nodes: Vec<String> =
+                committed.iter().chain(m.target.nodes()).cloned().collect();
+            nodes.sort();
+            nodes.dedup();
+            let statuses: HashMap<String, Option<&'static str>> = nodes
+                .iter()
+                .map(|n| {
+                    let status = if !m.changing() {
+                        None
+                    } else if !committed.contains(n) {
+                        Some("joining")
+                    } else if !m.target.contains(n) {
+                        Some("leaving")
+                    } else {
+                        None
+                    };
+                    (n.clone(), status)
+                })
+                .collect();
+            (nodes, statuses, m.pending())
+        };
+        let others: Vec<&String> = nodes.iter().filter(|n| **n != self.node_id).collect();
         let asks = others.iter().map(|node| {
             let call = self
                 .peers
@@ -155,41 +265,102 @@ impl Router {
             futures_util::future::join(self.owned_here(), futures_util::future::join_all(asks))
                 .await;
         let mut cache = self.peer_owned.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = vec![(self.node_id.clone(), true, mine.unwrap_or(0))];
+        let status = |node: &String, up: bool| {
+            statuses
+                .get(node)
+                .copied()
+                .flatten()
+                .unwrap_or(if up { "up" } else { "down" })
+        };
+        let me = self.node_id.clone();
+        let mut out = vec![(me.clone(), status(&me, true), mine.unwrap_or(0))];
         for (node, asked) in others.into_iter().zip(answers) {
             if let Some(n) = asked {
                 cache.insert(node.clone(), n);
             }
             let owned = cache.get(node).copied().unwrap_or(0);
-            out.push((node.clone(), asked.is_some(), owned));
+            out.push((node.clone(), status(node, asked.is_some()), owned));
         }
         out.sort();
-        out
+        (out, pending)
     }
 
-    fn home(&self, key: &str) -> Result<Home<'_>, ActorError> {
-        match self.ring.owner(key.as_bytes()) {
+    fn home(&self, key: &str) -> Result<Home, ActorError> {
+        let m = self.membership();
+        match m.home(key.as_bytes()) {
             Some(owner) if owner == self.node_id => Ok(Home::Here),
-            Some(owner) => Ok(Home::Peer(owner)),
+            Some(owner) => Ok(Home::Peer(owner.to_string())),
             None => Err(ActorError::Unavailable),
         }
     }
 
-    /// Whether this node owns the entity with ring key `key`.
-    fn owns(&self, key: &str) -> Result<(), ActorError> {
-        match self.home(key)? {
-            Home::Here => Ok(()),
-            Home::Peer(_) => Err(ActorError::Unavailable),
+    /// Sends a call to its entity's home: served here, or over the home's peer link;
+    /// during a ring change, held while its entity moves and then forwarded to the
+    /// next home. Every call an entity can get goes this one way.
+    fn dispatch(&self, call: PeerCall) -> Call<PeerReply> {
+        let Some(key) = call_key(&call) else {
+            return self.serve_here(call);
+        };
+        let m = self.membership();
+        let place = m.place(key.as_bytes());
+        self.send_to(m, place, key, call)
+    }
+
+    /// Sends `call` where `place` says. The lock is held while a forwarded or held
+    /// call is queued, so calls for a moving entity keep their order.
+    fn send_to(
+        &self,
+        mut m: MutexGuard<'_, Membership>,
+        place: Place,
+        key: String,
+        call: PeerCall,
+    ) -> Call<PeerReply> {
+        match place {
+            Place::Here { leaving: false } => {
+                drop(m);
+                self.serve_here(call)
+            }
+            Place::Here { leaving: true } => {
+                m.inflight += 1;
+                drop(m);
+                let counted = InFlight(Arc::clone(&self.membership));
+                let answer = self.serve_here(call);
+                Box::pin(async move {
+                    let _counted = counted;
+                    answer.await
+                })
+            }
+            Place::Peer(node) => {
+                drop(m);
+                self.peers.call(&node, call)
+            }
+            Place::Forward(node) => self.peers.call(&node, call),
+            Place::Hold(_) => {
+                let (answer, rx) = oneshot::channel();
+                m.held.push(Held { key, call, answer });
+                Box::pin(async move {
+                    match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+                        Ok(Ok(result)) => result,
+                        _ => Err(ActorError::Unavailable),
+                    }
+                })
+            }
+            Place::Unknown | Place::Refused => Box::pin(async { Err(ActorError::Unavailable) }),
         }
     }
 
-    /// Sends a call to its entity's home: served here, or over the home's peer link.
-    /// Every call an entity can get goes this one way, whichever node it lives on.
-    fn dispatch(&self, call: PeerCall) -> Call<PeerReply> {
-        match call_key(&call).map(|key| self.home(&key)) {
-            None | Some(Ok(Home::Here)) => self.serve_here(call),
-            Some(Ok(Home::Peer(node))) => self.peers.call(node, call),
-            Some(Err(e)) => Box::pin(async move { Err(e) }),
+    /// Sends on the held calls whose entity has now moved (call with the lock held,
+    /// right after the change that let them go).
+    fn release(&self, m: &mut Membership) {
+        for (held, place) in m.ready() {
+            let answer = match place {
+                Place::Forward(node) | Place::Peer(node) => self.peers.call(&node, held.call),
+                Place::Here { .. } => self.serve_here(held.call),
+                _ => Box::pin(async { Err(ActorError::Unavailable) }) as Call<PeerReply>,
+            };
+            actix::spawn(async move {
+                let _ = held.answer.send(answer.await);
+            });
         }
     }
 
@@ -248,7 +419,430 @@ impl Router {
             PeerCall::Owned => {
                 Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
             }
+            PeerCall::Import {
+                ring,
+                records,
+                commit,
+            } => self.import(ring, records, commit),
+            PeerCall::HasMediaFile(sha) => {
+                let have = registry.store().has_media_file(&sha);
+                Box::pin(async move { Ok(PeerReply::Count(u64::from(have))) })
+            }
+            PeerCall::MediaChunk {
+                sha256,
+                offset,
+                bytes,
+                last,
+            } => {
+                let me = self.self_arc();
+                Box::pin(async move {
+                    match me {
+                        Some(me) => me.media_chunk(sha256, offset, bytes, last).await,
+                        None => Err(ActorError::Unavailable),
+                    }
+                })
+            }
         }
+    }
+
+    fn self_arc(&self) -> Option<Arc<Router>> {
+        self.this.upgrade()
+    }
+
+    /// Writes entities handed to this node for the ring with signature `ring`
+    /// (refused unless that is the ring this node moves to). After the last part of a
+    /// batch is durable, interrupted fan-outs and membership changes resume here.
+    fn import(
+        &self,
+        ring: u64,
+        records: Vec<(String, Vec<u8>, Vec<u8>)>,
+        commit: bool,
+    ) -> Call<PeerReply> {
+        let expected = {
+            let m = self.membership();
+            m.changing() && m.target.signature() == ring
+        };
+        let me = self.self_arc();
+        Box::pin(async move {
+            let me = me.ok_or(ActorError::Unavailable)?;
+            if !expected {
+                return Err(ActorError::Internal(
+                    "handoff refused: this node does not move to that ring".into(),
+                ));
+            }
+            let store = me.registry.store();
+            let n = records.len() as u32;
+            store.import_entity(&crate::storage::EntityDump { records })?;
+            if commit {
+                store.commit(n).await?;
+                me.resume_pending();
+            }
+            Ok(PeerReply::Done)
+        })
+    }
+
+    /// Wakes every conversation with a fan-out to finish and every group with a
+    /// change to announce, among those stored here (each is idempotent).
+    pub(crate) fn resume_pending(&self) {
+        let fanouts = self.registry.pending_fanouts().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list pending fan-outs");
+            Vec::new()
+        });
+        for id in fanouts {
+            let call = self.serve_here(PeerCall::Conversation(id, ConversationRequest::Resume));
+            actix::spawn(async move {
+                if let Err(e) = call.await {
+                    tracing::warn!(conversation_id = %id, error = %e, "cannot resume fan-out");
+                }
+            });
+        }
+        let groups = self.registry.pending_groups().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list pending groups");
+            Vec::new()
+        });
+        for id in groups {
+            let call = self.serve_here(PeerCall::Group(id, GroupRequest::Settle));
+            actix::spawn(async move {
+                if let Err(e) = call.await {
+                    tracing::info!(group_id = %id, error = %e, "membership change still pending; its group retries");
+                }
+            });
+        }
+    }
+
+    /// One part of a media file handed to this node; the file is kept (under its hash)
+    /// once the last part has come and the bytes match it.
+    async fn media_chunk(
+        &self,
+        sha256: String,
+        offset: u64,
+        bytes: Vec<u8>,
+        last: bool,
+    ) -> Result<PeerReply, ActorError> {
+        let mut files = self.arriving_files.lock().await;
+        if offset == 0 {
+            files.insert(sha256.clone(), (self.registry.media_writer().await?, 0));
+        }
+        let Some((writer, next)) = files.get_mut(&sha256) else {
+            return Err(ActorError::Internal("media part out of order".into()));
+        };
+        if *next != offset {
+            files.remove(&sha256);
+            return Err(ActorError::Internal("media part out of order".into()));
+        }
+        writer.write(&bytes).await?;
+        *next += bytes.len() as u64;
+        if !last {
+            return Ok(PeerReply::Done);
+        }
+        let Some((writer, _)) = files.remove(&sha256) else {
+            return Err(ActorError::Internal("media part out of order".into()));
+        };
+        let (got, _) = writer.finish().await?;
+        if got != sha256 {
+            return Err(ActorError::Internal(format!(
+                "handed-off media file has hash {got}, expected {sha256}"
+            )));
+        }
+        Ok(PeerReply::Done)
+    }
+
+    /// Re-reads the cluster file: its ring becomes this node's target, and the nodes
+    /// agree on it over their links before anything moves. Refused (the node keeps its
+    /// rings) if the file cannot be reconciled with what the node runs.
+    pub fn reload(&self, config: &ClusterConfig) -> Result<String, String> {
+        let mut m = self.membership();
+        if config.cluster.vnodes != m.vnodes {
+            return Err(format!(
+                "vnodes changed from {} to {}: it cannot change on a running cluster",
+                m.vnodes, config.cluster.vnodes
+            ));
+        }
+        for node in &config.nodes {
+            let addrs = NodeAddrs {
+                client: node.client_addr,
+                peer: node.peer_addr,
+            };
+            if let Some(known) = m.addrs.get(&node.id) {
+                if *known != addrs {
+                    return Err(format!(
+                        "node {:?} changed its addresses (client {} -> {}, peer {} -> {}): a node keeps its addresses while it is in the cluster",
+                        node.id, known.client, addrs.client, known.peer, addrs.peer
+                    ));
+                }
+            }
+            let clash = m.addrs.iter().find(|(id, a)| {
+                **id != node.id && (a.client == addrs.client || a.peer == addrs.peer)
+            });
+            if let Some((other, _)) = clash {
+                return Err(format!(
+                    "node {:?} uses an address of node {other:?}",
+                    node.id
+                ));
+            }
+        }
+        let target = Ring::new(config.nodes.iter().map(|n| n.id.clone()), m.vnodes);
+        if target == m.target {
+            return Ok(format!(
+                "cluster.toml unchanged: serving ring version {}",
+                m.version()
+            ));
+        }
+        if m.handing_off || m.handed_off {
+            return Err(format!(
+                "a move to nodes {:?} is under way: reload again once it is committed",
+                m.target.nodes()
+            ));
+        }
+        for node in &config.nodes {
+            m.addrs.insert(
+                node.id.clone(),
+                NodeAddrs {
+                    client: node.client_addr,
+                    peer: node.peer_addr,
+                },
+            );
+            if node.id != self.node_id {
+                self.peers.add(&node.id, node.peer_addr);
+            }
+        }
+        m.target = target;
+        m.waiting = None;
+        let nodes = m.target.nodes().to_vec();
+        drop(m);
+        self.changed.notify_one();
+        tracing::info!(
+            ?nodes,
+            "cluster.toml reloaded: moving to a new ring once every node agrees"
+        );
+        Ok(format!(
+            "cluster.toml reloaded: nodes {nodes:?}; the ring changes once every node has the same file"
+        ))
+    }
+
+    /// The membership loop, for the node's life: tells the peers our ring state, reads
+    /// theirs, and takes the step `membership::decide` gives.
+    pub async fn run_membership(self: Arc<Self>) {
+        let mut told = tokio::time::Instant::now() - MEMBERSHIP_TICK;
+        loop {
+            let (state, step) = {
+                let m = self.membership();
+                let state = m.state();
+                let step = decide(&self.node_id, &state, &m.peers);
+                (state, step)
+            };
+            if told.elapsed() >= MEMBERSHIP_TICK / 2 {
+                for node in self.peers.nodes() {
+                    self.peers.cast(&node, PeerCast::Ring(state.clone()));
+                }
+                told = tokio::time::Instant::now();
+            }
+            let acted = self.take_step(step).await;
+            if !acted {
+                tokio::select! {
+                    _ = tokio::time::sleep(MEMBERSHIP_TICK) => {}
+                    _ = self.changed.notified() => {}
+                }
+            }
+        }
+    }
+
+    /// Takes one step; `true` if the state changed (so the loop goes round again now).
+    async fn take_step(self: &Arc<Self>, step: Step) -> bool {
+        match step {
+            Step::Idle => {
+                self.membership().waiting = None;
+                false
+            }
+            Step::Wait(why) => {
+                let mut m = self.membership();
+                if m.waiting.as_deref() != Some(&why) {
+                    tracing::warn!(ring_version = m.version(), reason = %why, "keeping the current ring");
+                    m.waiting = Some(why);
+                }
+                false
+            }
+            Step::Adopt { version, nodes } => {
+                let vnodes = self.membership().vnodes;
+                if let Err(e) = self.record_ring(version, &nodes, vnodes, None).await {
+                    tracing::error!(error = %e, "cannot record the ring");
+                    return false;
+                }
+                let mut m = self.membership();
+                let ring = Ring::new(nodes, vnodes);
+                for node in ring.nodes() {
+                    if *node != self.node_id {
+                        match m.addrs.get(node) {
+                            Some(a) => self.peers.add(node, a.peer),
+                            None => {
+                                tracing::error!(node = %node, "the cluster's ring has a node this node's cluster.toml does not name")
+                            }
+                        }
+                    }
+                }
+                tracing::info!(ring_version = version, nodes = ?ring.nodes(), "serving the cluster's ring");
+                m.committed = Some((version, ring));
+                metrics().ring_version.set(version as i64);
+                true
+            }
+            Step::Handoff => {
+                let mut m = self.membership();
+                if m.handing_off {
+                    return false;
+                }
+                m.handing_off = true;
+                drop(m);
+                actix::spawn(super::handoff::run(Arc::clone(self)));
+                true
+            }
+            Step::Commit { version } => {
+                self.commit(version).await;
+                true
+            }
+        }
+    }
+
+    async fn record_ring(
+        &self,
+        version: u64,
+        nodes: &[String],
+        vnodes: u32,
+        handed_off: Option<u64>,
+    ) -> Result<(), ActorError> {
+        let store = self.registry.store();
+        store.put_ring_record(&RingRecord {
+            version,
+            nodes: nodes.to_vec(),
+            vnodes,
+            handed_off,
+        })?;
+        store.commit(1).await?;
+        Ok(())
+    }
+
+    /// Commits the target ring as `version`: it becomes the ring this node serves.
+    async fn commit(self: &Arc<Self>, version: u64) {
+        let (nodes, vnodes) = {
+            let m = self.membership();
+            (m.target.nodes().to_vec(), m.vnodes)
+        };
+        if let Err(e) = self.record_ring(version, &nodes, vnodes, None).await {
+            tracing::error!(error = %e, "cannot record the new ring; retrying");
+            tokio::time::sleep(MEMBERSHIP_TICK).await;
+            return;
+        }
+        let leaving = {
+            let mut m = self.membership();
+            let target = m.target.clone();
+            m.committed = Some((version, target));
+            m.handed_off = false;
+            m.handing_off = false;
+            m.phase = Phase::Idle;
+            m.waiting = None;
+            self.release(&mut m);
+            for node in self.peers.nodes() {
+                if !nodes.contains(&node) {
+                    self.peers.remove(&node);
+                    m.peers.remove(&node);
+                }
+            }
+            !nodes.contains(&self.node_id)
+        };
+        metrics().ring_version.set(version as i64);
+        tracing::info!(ring_version = version, ?nodes, "new ring committed");
+        if leaving {
+            self.leave(version).await;
+        }
+    }
+
+    /// This node is no longer in the ring: once the others have committed too (or
+    /// after a grace period), close every session here and stop serving.
+    async fn leave(self: &Arc<Self>, version: u64) {
+        let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
+        loop {
+            let all = {
+                let m = self.membership();
+                m.target.nodes().iter().all(|n| {
+                    m.peers
+                        .get(n)
+                        .is_some_and(|s| s.committed.as_ref().is_some_and(|(v, _)| *v >= version))
+                })
+            };
+            let state = self.membership().state();
+            for node in self.peers.nodes() {
+                self.peers.cast(&node, PeerCast::Ring(state.clone()));
+            }
+            if all || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (session, _) in self.sessions.all() {
+            self.sessions.deliver(
+                session,
+                SessionEvent::Close {
+                    code: 1012,
+                    reason: "this node left the cluster: reconnect to another node".into(),
+                },
+            );
+        }
+        tracing::info!("this node has handed off everything and left the cluster; stopping");
+        self.left.notify_one();
+    }
+
+    // ---- the handoff task's hooks (see `net/handoff.rs`) ----
+
+    /// Holds every call for a leaving entity; answers the target ring, once the calls
+    /// already served for leaving entities have finished.
+    pub(crate) async fn begin_handoff(&self) -> Ring {
+        let target = {
+            let mut m = self.membership();
+            if !matches!(m.phase, Phase::Moving(_)) {
+                m.phase = Phase::Draining;
+            }
+            m.target.clone()
+        };
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
+        while self.membership().inflight > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        target
+    }
+
+    /// The leaving entities stored here are `left`: calls for any other leaving
+    /// entity go to its next home at once.
+    pub(crate) fn listed(&self, left: std::collections::HashSet<String>) {
+        let mut m = self.membership();
+        m.phase = Phase::Moving(left);
+        self.release(&mut m);
+    }
+
+    /// These entities now live at their next home (durably there, deleted here).
+    pub(crate) fn moved(&self, keys: &[String]) {
+        let mut m = self.membership();
+        if let Phase::Moving(left) = &mut m.phase {
+            for k in keys {
+                left.remove(k);
+            }
+        }
+        self.release(&mut m);
+    }
+
+    /// Everything this ring change takes from this node has gone (recorded durably).
+    pub(crate) async fn handed_off(&self, target: u64) -> Result<(), ActorError> {
+        let (version, nodes, vnodes) = {
+            let m = self.membership();
+            let (v, ring) = m.committed.as_ref().ok_or(ActorError::Unavailable)?;
+            (*v, ring.nodes().to_vec(), ring.vnodes())
+        };
+        self.record_ring(version, &nodes, vnodes, Some(target))
+            .await?;
+        let mut m = self.membership();
+        m.handed_off = true;
+        self.release(&mut m);
+        drop(m);
+        self.changed.notify_one();
+        Ok(())
     }
 
     /// Tells `from`'s home that `session` (on this node) is gone.
@@ -274,7 +868,10 @@ fn call_key(call: &PeerCall) -> Option<String> {
         PeerCall::ClaimHandle(h, _)
         | PeerCall::ReleaseHandle(h, _)
         | PeerCall::ResolveHandle(h) => handle_ring_key(h),
-        PeerCall::Owned => return None,
+        PeerCall::Owned
+        | PeerCall::Import { .. }
+        | PeerCall::HasMediaFile(_)
+        | PeerCall::MediaChunk { .. } => return None,
     })
 }
 
@@ -382,7 +979,7 @@ impl Route for Router {
                 }
             }
             Ok(Home::Peer(node)) => {
-                self.peers.cast(node, PeerCast::Notify { user, event });
+                self.peers.cast(&node, PeerCast::Notify { user, event });
             }
             Err(_) => {}
         }
@@ -436,15 +1033,17 @@ impl Route for Router {
 
 impl PeerHandler for Router {
     fn call(&self, call: PeerCall) -> Call<PeerReply> {
-        // Served only for entities this ring gives us: never forwarded on, so two
-        // nodes whose rings disagree cannot bounce a call between them.
-        if let Some(Err(e)) = call_key(&call).map(|key| self.owns(&key)) {
-            return Box::pin(async move { Err(e) });
-        }
-        self.serve_here(call)
+        // Served only for entities our ring state gives us; forwarded only to an
+        // entity's next home once it has moved there, never back to its old home.
+        let Some(key) = call_key(&call) else {
+            return self.serve_here(call);
+        };
+        let m = self.membership();
+        let place = m.accept(key.as_bytes());
+        self.send_to(m, place, key, call)
     }
 
-    fn cast(&self, _from: &str, cast: PeerCast) {
+    fn cast(&self, from: &str, cast: PeerCast) {
         match cast {
             PeerCast::Deliver {
                 user,
@@ -466,8 +1065,17 @@ impl PeerHandler for Router {
             },
             // Only for users homed here: never forwarded on (two rings could disagree).
             PeerCast::Notify { user, event } => {
-                if self.owns(&user.ring_key()).is_ok() {
+                if matches!(self.home(&user.ring_key()), Ok(Home::Here)) {
                     self.notify(user, event);
+                }
+            }
+            PeerCast::Ring(state) => {
+                let changed = {
+                    let mut m = self.membership();
+                    m.peers.insert(from.to_string(), state.clone()) != Some(state)
+                };
+                if changed {
+                    self.changed.notify_one();
                 }
             }
         }

@@ -24,6 +24,6 @@ pub use media::MediaWriter;
 pub use records::{
     ConversationKind, ConversationRecord, GroupEvent, GroupMember, GroupMembership, GroupRecord,
     GroupRole, InboxEntry, KeyBundle, MediaRecord, MemberSpan, MessageKind, MessageRecord,
-    TokenRecord, UserConversation, UserRecord, Watermarks,
+    RingRecord, TokenRecord, UserConversation, UserRecord, Watermarks,
 };
 pub use store::{EntityCounts, EntityDump, EntityKey, Store};

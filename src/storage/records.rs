@@ -180,3 +180,14 @@ pub struct GroupMembership {
     pub version: u64,
     pub spans: Vec<MemberSpan>,
 }
+
+/// The ring a node serves: its version (counted from 1, one more per membership
+/// change), its nodes and points per node; and, while it hands off to the next ring,
+/// whether its share has all gone (`handed_off` holds that ring's signature).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingRecord {
+    pub version: u64,
+    pub nodes: Vec<String>,
+    pub vnodes: u32,
+    pub handed_off: Option<u64>,
+}

@@ -565,21 +565,15 @@ impl EntityCounts {
 }
 
 impl Store {
-    /// The version of the ring with `signature`: the stored one if the ring is the
-    /// one this node last ran, else the next, recorded (durable at the next commit). Every node that runs
-    /// the same sequence of cluster files counts the same versions.
-    pub fn ring_version(&self, signature: u64) -> Result<u64> {
-        const KEY: &[u8] = b"ring";
-        let stored: Option<(u64, u64)> = get(&self.inner.meta, "meta", KEY)?;
-        let version = match stored {
-            Some((version, sig)) if sig == signature => return Ok(version),
-            Some((version, _)) => version + 1,
-            None => 1,
-        };
-        self.inner
-            .meta
-            .insert(KEY, encode(&(version, signature))?)?;
-        Ok(version)
+    /// The ring this node serves, as last committed (`None` on a fresh data dir).
+    pub fn ring_record(&self) -> Result<Option<RingRecord>> {
+        get(&self.inner.meta, "meta", RING_KEY)
+    }
+
+    /// Records the ring this node serves (durable at the next commit).
+    pub fn put_ring_record(&self, rec: &RingRecord) -> Result<()> {
+        self.inner.meta.insert(RING_KEY, encode(rec)?)?;
+        Ok(())
     }
 
     /// Counts the entities stored here. Each entity's keys are one contiguous range
@@ -597,6 +591,9 @@ impl Store {
 }
 
 // ---- moving an entity -------------------------------------------------------------------
+
+/// Where the ring this node serves is kept, in the `meta` tree.
+const RING_KEY: &[u8] = b"ring_state";
 
 /// One entity, named the way its keys are: what moves when its home changes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -706,6 +703,123 @@ impl Store {
     }
 }
 
+impl EntityKey {
+    /// The entity's key on the ring (see `crate::ids`).
+    pub fn ring_key(&self) -> String {
+        match self {
+            EntityKey::User(id) => id.ring_key(),
+            EntityKey::Conversation(id) => id.ring_key(),
+            EntityKey::Group(id) => id.ring_key(),
+            EntityKey::Handle(h) => crate::ids::handle_ring_key(h),
+            EntityKey::Media(id) => crate::ids::media_ring_key(id),
+        }
+    }
+}
+
+impl EntityDump {
+    /// Bytes of keys and values, to size the messages a handoff sends.
+    pub fn bytes(&self) -> usize {
+        self.records
+            .iter()
+            .map(|(t, k, v)| t.len() + k.len() + v.len() + 16)
+            .sum()
+    }
+}
+
+impl Store {
+    /// Every entity stored here, kind by kind, each once (one seek per entity, as in
+    /// `entity_counts`). An entity whose only record is a mark (fan-out, pending
+    /// group change) is listed too: the mark moves with it.
+    pub fn entities(&self) -> Result<Vec<EntityKey>> {
+        let i = &self.inner;
+        let mut out = Vec::new();
+        for id in ids_in(&i.users)? {
+            out.push(EntityKey::User(UserId(id)));
+        }
+        let mut conversations = ids_in(&i.conversations)?;
+        conversations.extend(ids_in(&i.fanout)?);
+        conversations.sort();
+        conversations.dedup();
+        out.extend(
+            conversations
+                .into_iter()
+                .map(|id| EntityKey::Conversation(ConversationId(id))),
+        );
+        let mut groups = ids_in(&i.groups)?;
+        groups.extend(ids_in(&i.groups_pending)?);
+        groups.sort();
+        groups.dedup();
+        out.extend(groups.into_iter().map(|id| EntityKey::Group(GroupId(id))));
+        for k in i.handles.iter().keys() {
+            let k = k?;
+            let handle =
+                std::str::from_utf8(&k).map_err(|_| corrupt("handles", &k, "not UTF-8"))?;
+            out.push(EntityKey::Handle(handle.to_string()));
+        }
+        out.extend(ids_in(&i.media)?.into_iter().map(EntityKey::Media));
+        Ok(out)
+    }
+
+    /// Whether the bytes with this hash are stored here.
+    pub fn has_media_file(&self, sha256: &str) -> bool {
+        valid_sha(sha256) && self.media_path(sha256).is_file()
+    }
+
+    /// An incoming copy of a media file another node hands over (see `MediaWriter`).
+    pub async fn media_import(&self) -> Result<super::MediaWriter> {
+        self.media_writer().await
+    }
+
+    /// Deletes media files no media record here names any more (their records moved
+    /// to another node). Returns how many went.
+    pub fn sweep_media_files(&self) -> Result<usize> {
+        let mut named = std::collections::HashSet::new();
+        for item in self.inner.media.iter() {
+            let (k, v) = item?;
+            // Reference entries (id | tag | conversation) sit beside the records.
+            if k.len() == 17 && k[16] == MEDIA_RECORD {
+                let rec: MediaRecord = decode("media", &k, &v)?;
+                named.insert(rec.sha256);
+            }
+        }
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.inner.media_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if valid_sha(&name) && !named.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A media file name: 64 lowercase hex digits, nothing that could leave the directory.
+fn valid_sha(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The distinct 16-byte ids that keys of `tree` start with, in order.
+fn ids_in(tree: &Tree) -> Result<Vec<uuid::Uuid>> {
+    let mut ids = Vec::new();
+    let mut from: Vec<u8> = Vec::new();
+    while let Some(item) = tree.range(from.as_slice()..).next() {
+        let (k, _) = item?;
+        let Some(id) = k.get(..16) else {
+            return Err(corrupt("entities", &k, "key shorter than an id"));
+        };
+        let raw: [u8; 16] = id.try_into().map_err(|_| corrupt("entities", &k, "id"))?;
+        ids.push(uuid::Uuid::from_bytes(raw));
+        match successor(id) {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    Ok(ids)
+}
+
 /// The ids a mark tree (one 16-byte id per key) holds.
 fn marked_ids<T>(tree: &Tree, name: &'static str, wrap: fn(uuid::Uuid) -> T) -> Result<Vec<T>> {
     tree.iter()
@@ -723,20 +837,7 @@ fn marked_ids<T>(tree: &Tree, name: &'static str, wrap: fn(uuid::Uuid) -> T) -> 
 
 /// Number of distinct 16-byte entity ids that keys of `tree` start with.
 fn count_ids(tree: &Tree) -> Result<u64> {
-    let mut count = 0;
-    let mut from: Vec<u8> = Vec::new();
-    while let Some(item) = tree.range(from.as_slice()..).next() {
-        let (k, _) = item?;
-        let Some(id) = k.get(..16) else {
-            return Err(corrupt("entities", &k, "key shorter than an id"));
-        };
-        count += 1;
-        match successor(id) {
-            Some(next) => from = next,
-            None => break,
-        }
-    }
-    Ok(count)
+    Ok(ids_in(tree)?.len() as u64)
 }
 
 /// The smallest 16-byte id greater than `id`, if any.
@@ -954,18 +1055,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ring_versions_count_changes() {
+    async fn the_ring_record_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
+        let rec = RingRecord {
+            version: 3,
+            nodes: vec!["a".into(), "b".into()],
+            vnodes: 64,
+            handed_off: Some(0xAB),
+        };
         {
             let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.ring_version(0xA).unwrap(), 1);
-            assert_eq!(store.ring_version(0xA).unwrap(), 1);
-            assert_eq!(store.ring_version(0xB).unwrap(), 2);
+            assert_eq!(store.ring_record().unwrap(), None);
+            store.put_ring_record(&rec).unwrap();
             store.commit(1).await.unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.ring_version(0xB).unwrap(), 2);
-        assert_eq!(store.ring_version(0xA).unwrap(), 3);
+        assert_eq!(store.ring_record().unwrap(), Some(rec));
     }
 
     #[tokio::test]
@@ -995,7 +1100,12 @@ mod tests {
         assert_eq!(to.fanout_mark(cid).unwrap(), Some(3));
         assert_eq!(to.pending_fanouts().unwrap(), vec![cid]);
         assert_eq!(to.last_seq(other).unwrap(), 0, "only that entity moved");
+        assert_eq!(to.entities().unwrap(), vec![entity.clone()]);
         from.delete_entity(&entity).unwrap();
+        assert_eq!(
+            from.entities().unwrap(),
+            vec![EntityKey::Conversation(other)]
+        );
         assert_eq!(from.last_seq(cid).unwrap(), 0);
         assert!(from.pending_fanouts().unwrap().is_empty());
         assert_eq!(from.last_seq(other).unwrap(), 5, "its neighbours stay");
@@ -1003,5 +1113,44 @@ mod tests {
             records: vec![("nope".into(), vec![1], vec![2])],
         };
         assert!(to.import_entity(&bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn entities_are_listed_once_and_unnamed_media_files_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = UserId::random();
+        assert_eq!(store.claim_handle("alice", alice).unwrap(), None);
+        let mut kept = store.media_writer().await.unwrap();
+        kept.write(b"kept").await.unwrap();
+        let (kept_sha, size) = kept.finish().await.unwrap();
+        let mut orphan = store.media_writer().await.unwrap();
+        orphan.write(b"orphan").await.unwrap();
+        let (orphan_sha, _) = orphan.finish().await.unwrap();
+        let media = Uuid::new_v4();
+        store
+            .put_media(&MediaRecord {
+                media_id: media,
+                sha256: kept_sha.clone(),
+                size,
+                content_type: "text/plain".into(),
+                uploader: alice,
+                created_at: 0,
+            })
+            .unwrap();
+        store
+            .add_media_ref(media, ConversationId(Uuid::new_v4()))
+            .unwrap();
+        let listed = store.entities().unwrap();
+        assert_eq!(
+            listed,
+            vec![EntityKey::Handle("alice".into()), EntityKey::Media(media)],
+            "one entry per entity, however many records it has"
+        );
+        assert_eq!(listed[1].ring_key(), format!("media:{media}"));
+        assert_eq!(store.sweep_media_files().unwrap(), 1);
+        assert!(store.has_media_file(&kept_sha));
+        assert!(!store.has_media_file(&orphan_sha));
+        assert!(!store.has_media_file("../db"));
     }
 }

@@ -233,6 +233,137 @@ impl Node {
         nodes
     }
 
+    /// Adds a node `id` to the cluster file this node shares and starts it. It serves
+    /// once the running nodes have reloaded the file (its `/healthz` says 503 until
+    /// then), so this does not wait for it.
+    pub fn join(&self, id: &str) -> Node {
+        let (l1, port) = free_port();
+        let (l2, peer_port) = free_port();
+        drop((l1, l2));
+        let data_dir = self.dir.path().join("data").join(id);
+        let data_dir = serde_json::to_string(&data_dir.to_string_lossy()).expect("path");
+        let mut cfg = std::fs::read_to_string(&self.config_path).expect("read cluster.toml");
+        cfg.push_str(&format!(
+            "\n[[node]]\nid = \"{id}\"\nclient_addr = \"127.0.0.1:{port}\"\npeer_addr = \"127.0.0.1:{peer_port}\"\ndata_dir = {data_dir}\n"
+        ));
+        std::fs::write(&self.config_path, cfg).expect("write cluster.toml");
+        let mut node = Node {
+            dir: std::sync::Arc::clone(&self.dir),
+            id: id.to_string(),
+            port,
+            peer_port,
+            config_path: self.config_path.clone(),
+            log_path: self.dir.path().join(format!("{id}.log")),
+            child: None,
+            http: self.http.clone(),
+        };
+        node.spawn();
+        node
+    }
+
+    /// Rewrites the shared cluster file without node `id`'s entry.
+    pub fn drop_from_config(&self, id: &str) {
+        let cfg = std::fs::read_to_string(&self.config_path).expect("read cluster.toml");
+        let mut blocks = cfg.split("[[node]]");
+        let mut out = blocks.next().unwrap_or_default().to_string();
+        for block in blocks {
+            if !block.contains(&format!("id = \"{id}\"")) {
+                out.push_str("[[node]]");
+                out.push_str(block);
+            }
+        }
+        std::fs::write(&self.config_path, out).expect("write cluster.toml");
+    }
+
+    /// `POST /admin/reload` with the admin token.
+    pub async fn reload(&self) -> Resp {
+        self.call_raw(
+            reqwest::Method::POST,
+            &format!("{}/admin/reload", self.base()),
+            &[("authorization", "Bearer test-admin-token")],
+            None,
+        )
+        .await
+    }
+
+    /// `GET /admin/cluster` with the admin token.
+    pub async fn cluster(&self) -> Value {
+        let r = self
+            .call_raw(
+                reqwest::Method::GET,
+                &format!("{}/admin/cluster", self.base()),
+                &[("authorization", "Bearer test-admin-token")],
+                None,
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            200,
+            "GET /admin/cluster: {} {}",
+            r.text,
+            self.ctx()
+        );
+        r.body
+    }
+
+    /// Waits until this node serves ring `version` with no handoff pending.
+    pub async fn wait_ring(&self, version: u64, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self
+                .call_raw(
+                    reqwest::Method::GET,
+                    &format!("{}/admin/cluster", self.base()),
+                    &[("authorization", "Bearer test-admin-token")],
+                    None,
+                )
+                .await;
+            if r.status == 200
+                && u64_field(&r.body, "ring_version") >= version
+                && u64_field(&r.body, "handoffs_pending") == 0
+            {
+                return r.body;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {} did not reach ring version {version}: {}\n{}",
+                    self.id,
+                    r.text,
+                    self.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the process has exited by itself; its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return status.code();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("node {} did not stop\n{}", self.id, self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `/healthz` answers 200.
+    pub async fn wait_serving(&mut self) {
+        if let Err(e) = self.wait_ready().await {
+            panic!(
+                "node {} does not serve: {e}\n{}",
+                self.id,
+                self.log_tail(60)
+            );
+        }
+    }
+
     /// Waits until `/metrics` shows `count` peer links up.
     pub async fn wait_links(&self, count: usize) {
         let deadline = Instant::now() + READY_TIMEOUT;
