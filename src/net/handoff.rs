@@ -9,7 +9,7 @@
 //!    entity here any more.
 //! 2. **List** the leaving entities stored here. Calls for any other leaving key (an
 //!    entity that does not exist yet) go to its next home at once: it is created there.
-//! 3. **Move**, in batches per new home: media files first (chunked, checked against
+//! 3. **Move**, in batches, one stream per new home side by side: media files first (chunked, checked against
 //!    their hash at the other end), then the entities' records (`EntityDump`, chunked),
 //!    the last part committed durably before the new home answers. Only then are the
 //!    entities deleted here, durably, and their held calls forwarded, in order. A batch
@@ -85,21 +85,27 @@ pub async fn run(router: Arc<Router>) {
     let total = left.len();
     tracing::info!(entities = total, "handing off");
     router.listed(left);
-    for (home, list) in &by_home {
-        for batch in list.chunks(BATCH_ENTITIES) {
-            let mut attempt = 0u32;
-            while let Err(e) = send_batch(&router, &store, home, ring, batch).await {
-                attempt += 1;
-                if attempt == 1 || attempt.is_multiple_of(30) {
-                    tracing::warn!(to = %home, error = %e, attempt, "handoff batch failed; sending it again");
+    // One stream of batches per new home, side by side: a slow or unreachable home
+    // holds up only the entities going there.
+    let streams = by_home.iter().map(|(home, list)| {
+        let (router, store) = (&router, &store);
+        async move {
+            for batch in list.chunks(BATCH_ENTITIES) {
+                let mut attempt = 0u32;
+                while let Err(e) = send_batch(router, store, home, ring, batch).await {
+                    attempt += 1;
+                    if attempt == 1 || attempt.is_multiple_of(30) {
+                        tracing::warn!(to = %home, error = %e, attempt, "handoff batch failed; sending it again");
+                    }
+                    tokio::time::sleep(RETRY).await;
                 }
-                tokio::time::sleep(RETRY).await;
+                let keys: Vec<String> = batch.iter().map(|(_, k)| k.clone()).collect();
+                router.moved(&keys);
+                metrics().handoff_entities.inc_by(batch.len() as u64);
             }
-            let keys: Vec<String> = batch.iter().map(|(_, k)| k.clone()).collect();
-            router.moved(&keys);
-            metrics().handoff_entities.inc_by(batch.len() as u64);
         }
-    }
+    });
+    futures_util::future::join_all(streams).await;
     let sweeping = store.clone();
     match tokio::task::spawn_blocking(move || sweeping.sweep_media_files()).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(files = n, "removed media files handed off"),

@@ -13,6 +13,9 @@
 //! - `push.rs`: the bounded queue and sender of push notifications to the `[push]` webhook.
 //! - `peer.rs`: the links to the other nodes: framed bincode over TCP, handshake,
 //!   correlated calls with timeouts, casts, reconnect with backoff.
+//! - `membership.rs`: which ring the node serves, which its file asks for, and the rules
+//!   by which the nodes agree to move from one to the other.
+//! - `handoff.rs`: this node's share of a ring change: moving entities to their new home.
 //!
 //! `net` imports `actors` (and `storage` only to open it at start-up).
 

@@ -273,7 +273,10 @@ impl Router {
                 .unwrap_or(if up { "up" } else { "down" })
         };
         let me = self.node_id.clone();
-        let mut out = vec![(me.clone(), status(&me, true), mine.unwrap_or(0))];
+        let mut out = Vec::new();
+        if nodes.contains(&me) {
+            out.push((me.clone(), status(&me, true), mine.unwrap_or(0)));
+        }
         for (node, asked) in others.into_iter().zip(answers) {
             if let Some(n) = asked {
                 cache.insert(node.clone(), n);
@@ -735,16 +738,29 @@ impl Router {
             let mut m = self.membership();
             let target = m.target.clone();
             m.committed = Some((version, target));
+            m.addrs.retain(|node, _| nodes.contains(node));
             m.handed_off = false;
             m.handing_off = false;
             m.phase = Phase::Idle;
             m.waiting = None;
             self.release(&mut m);
-            for node in self.peers.nodes() {
-                if !nodes.contains(&node) {
-                    self.peers.remove(&node);
-                    m.peers.remove(&node);
-                }
+            // Links to nodes that left go after a grace period, not at once: a leaving
+            // node waits to hear that the others have committed before it stops.
+            let gone: Vec<String> = self
+                .peers
+                .nodes()
+                .into_iter()
+                .filter(|n| !nodes.contains(n))
+                .collect();
+            if !gone.is_empty() {
+                let me = Arc::clone(self);
+                actix::spawn(async move {
+                    tokio::time::sleep(LEAVE_GRACE).await;
+                    for node in gone {
+                        me.peers.remove(&node);
+                        me.membership().peers.remove(&node);
+                    }
+                });
             }
             !nodes.contains(&self.node_id)
         };

@@ -82,7 +82,7 @@ pub fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("field `{key}` is not a string in {v}"))
 }
 
-fn free_port() -> (std::net::TcpListener, u16) {
+pub fn free_port() -> (std::net::TcpListener, u16) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     let p = l.local_addr().expect("local addr").port();
     (l, p)
@@ -259,6 +259,11 @@ impl Node {
         };
         node.spawn();
         node
+    }
+
+    /// The temp dir this node (and its cluster) lives in.
+    pub fn dir_path(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Rewrites the shared cluster file without node `id`'s entry.
@@ -840,6 +845,15 @@ pub fn assert_ack_shape(ack: &Value, cmid: &str) {
         "ack seq: {ack}"
     );
     assert!(ack["ts"].is_u64(), "ack ts: {ack}");
+}
+
+/// Opens a WebSocket to the node on `port` (for clients that roam between nodes).
+pub async fn ws_to(port: u16, token: &str) -> Result<Ws, WsConnectError> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| WsConnectError::Io(e.to_string()))?;
+    let url = format!("ws://127.0.0.1:{port}/api/v1/ws?token={token}");
+    Ws::handshake(url, None, tcp, format!("(node on port {port})")).await
 }
 
 /// Asserts an error frame with `code` (and its `message` text).

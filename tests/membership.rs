@@ -1,0 +1,504 @@
+//! Nodes added and removed at run time, as an operator does it: edit cluster.toml, start
+//! the new node, SIGHUP (or `POST /admin/reload`) every node. Clients keep sending
+//! throughout; afterwards every acked message is in every member's inbox exactly once,
+//! seqs have no gap, and each node owns exactly what the ring says.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::net::ring::Ring;
+
+/// What a sender got acked.
+#[derive(Debug, Clone)]
+struct Acked {
+    conversation: String,
+    seq: u64,
+    body: String,
+}
+
+enum Target {
+    User(String),
+    Conversation(String),
+}
+
+enum Reply {
+    Ack(Value),
+    Retry,
+    Broken,
+}
+
+/// Waits for the answer to `cmid`, skipping other frames.
+async fn reply_to(ws: &mut Ws, cmid: &str) -> Reply {
+    loop {
+        match ws.next_event(Duration::from_secs(8)).await {
+            Event::Json(v) if v["client_msg_id"] == cmid && v["type"] == "ack" => {
+                return Reply::Ack(v)
+            }
+            Event::Json(v) if v["client_msg_id"] == cmid && v["type"] == "error" => {
+                let code = v["code"].as_str().unwrap_or_default();
+                assert!(
+                    ["owner_unavailable", "rate_limited"].contains(&code),
+                    "a send failed for good during a ring change: {v}"
+                );
+                return Reply::Retry;
+            }
+            Event::Json(_) | Event::Binary(_) => {}
+            Event::Closed(_) | Event::Timeout => return Reply::Broken,
+        }
+    }
+}
+
+/// One client sending to one target until told to stop, through whichever node of
+/// `ports` it reaches, reconnecting when its connection is closed and retrying each
+/// unacked send with the same `client_msg_id`.
+async fn sender(
+    name: String,
+    token: String,
+    target: Target,
+    ports: Arc<Mutex<Vec<u16>>>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+) {
+    let mut ws: Option<Ws> = None;
+    let mut i = 0u64;
+    let mut connects = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let cmid = new_uuid();
+        let body = format!("{name}#{i}");
+        let frame = match &target {
+            Target::User(u) => json!({"type":"send","client_msg_id":cmid,"to_user":u,"body":body}),
+            Target::Conversation(c) => {
+                json!({"type":"send","client_msg_id":cmid,"conversation_id":c,"body":body})
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: no ack for {cmid} within 60 s"
+            );
+            if ws.is_none() {
+                connects += 1;
+                let port = {
+                    let p = ports.lock().unwrap();
+                    p[connects % p.len()]
+                };
+                match ws_to(port, &token).await {
+                    Ok(w) => ws = Some(w),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let w = ws.as_mut().expect("connected");
+            if !w.try_send_text(frame.to_string()).await {
+                ws = None;
+                continue;
+            }
+            match reply_to(w, &cmid).await {
+                Reply::Ack(v) => {
+                    assert_ack_shape(&v, &cmid);
+                    acked.lock().unwrap().push(Acked {
+                        conversation: str_field(&v, "conversation_id").to_string(),
+                        seq: u64_field(&v, "seq"),
+                        body: body.clone(),
+                    });
+                    break;
+                }
+                Reply::Retry => tokio::time::sleep(Duration::from_millis(200)).await,
+                Reply::Broken => {
+                    ws = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn ring(nodes: &[&str]) -> Ring {
+    Ring::new(nodes.iter().map(|s| s.to_string()), 64)
+}
+
+/// Entities per node as `ring` homes `keys`.
+fn predicted(ring: &Ring, keys: &[String]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        *out.entry(ring.owner(k.as_bytes()).unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    out
+}
+
+/// `(node, owned_entities)` from `GET /admin/cluster`, and each node's status.
+fn owned(view: &Value) -> (BTreeMap<String, u64>, BTreeMap<String, String>) {
+    let mut owned = BTreeMap::new();
+    let mut status = BTreeMap::new();
+    for n in view["nodes"].as_array().expect("nodes") {
+        let id = str_field(n, "id").to_string();
+        owned.insert(id.clone(), u64_field(n, "owned_entities"));
+        status.insert(id, str_field(n, "status").to_string());
+    }
+    (owned, status)
+}
+
+async fn upload(node: &Node, token: &str, bytes: &[u8]) -> String {
+    let r = node
+        .call_raw(
+            reqwest::Method::POST,
+            &node.api("/media"),
+            &[
+                ("Authorization", &format!("Bearer {token}")),
+                ("Content-Type", "application/octet-stream"),
+            ],
+            Some(bytes.to_vec()),
+        )
+        .await;
+    assert_eq!(r.status, 201, "upload: {}", r.text);
+    str_field(&r.body, "media_id").to_string()
+}
+
+async fn download(node: &Node, token: &str, id: &str) -> Resp {
+    node.call_raw(
+        reqwest::Method::GET,
+        &node.api(&format!("/media/{id}")),
+        &[("Authorization", &format!("Bearer {token}"))],
+        None,
+    )
+    .await
+}
+
+/// Every message `user` has, per conversation, in inbox order (a fresh device that
+/// syncs from the start).
+async fn inbox(port: u16, token: &str) -> HashMap<String, Vec<(u64, String)>> {
+    let mut ws = ws_to(port, token).await.expect("connect");
+    let synced = ws.sync(0).await;
+    let mut out: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for frame in synced.messages {
+        let m = &frame["message"];
+        out.entry(str_field(m, "conversation_id").to_string())
+            .or_default()
+            .push((
+                u64_field(m, "seq"),
+                m["body"].as_str().unwrap_or("").to_string(),
+            ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_then_one_removed_under_load_loses_nothing() {
+    let mut nodes = Node::start_cluster(3, "").await;
+    let mut users = Vec::new();
+    for i in 0..12 {
+        users.push(nodes[i % 3].user("mv").await);
+    }
+    let members: Vec<&str> = users[1..6].iter().map(|u| u.id.as_str()).collect();
+    let g = nodes[0]
+        .post(
+            "/groups",
+            Some(&users[0].token),
+            &json!({"name": "movers", "members": members}),
+        )
+        .await;
+    assert_eq!(g.status, 201, "{}", g.text);
+    let group_id = str_field(&g.body, "group_id").to_string();
+    let group_conv = str_field(&g.body, "conversation_id").to_string();
+    // One upload through each node (each is stored where it arrives).
+    let mut media = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|b| (b % 241) as u8 ^ i as u8).collect();
+        let id = upload(node, &users[i].token, &bytes).await;
+        media.push((id, i, bytes));
+    }
+
+    let ports = Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect::<Vec<_>>()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut senders = Vec::new();
+    for pair in 0..6 {
+        let (from, to) = (&users[2 * pair], &users[2 * pair + 1]);
+        senders.push(tokio::spawn(sender(
+            format!("d{pair}"),
+            from.token.clone(),
+            Target::User(to.id.clone()),
+            Arc::clone(&ports),
+            Arc::clone(&stop),
+            Arc::clone(&acked),
+        )));
+    }
+    for (k, u) in [0usize, 3, 5].into_iter().enumerate() {
+        senders.push(tokio::spawn(sender(
+            format!("g{k}"),
+            users[u].token.clone(),
+            Target::Conversation(group_conv.clone()),
+            Arc::clone(&ports),
+            Arc::clone(&stop),
+            Arc::clone(&acked),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // ---- add n4: its entry in the file, start it, reload everyone (both ways).
+    let joined = Instant::now();
+    let mut n4 = nodes[0].join("n4");
+    let r = nodes[0].reload().await;
+    assert_eq!(r.status, 200, "reload: {}", r.text);
+    nodes[1].signal(libc::SIGHUP);
+    let r = nodes[2].reload().await;
+    assert_eq!(r.status, 200, "reload: {}", r.text);
+    n4.wait_serving().await;
+    nodes.push(n4);
+    for n in &nodes {
+        n.wait_ring(2, Duration::from_secs(60)).await;
+    }
+    let add_took = joined.elapsed();
+    ports.lock().unwrap().push(nodes[3].port);
+    let after_add = nodes[3].cluster().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // ---- remove n2: out of the file, SIGHUP everyone, n2 included.
+    let removing = Instant::now();
+    ports.lock().unwrap().retain(|p| *p != nodes[1].port);
+    nodes[0].drop_from_config("n2");
+    for n in &nodes {
+        n.signal(libc::SIGHUP);
+    }
+    let code = nodes[1].wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "the leaving node stops by itself, cleanly");
+    for i in [0, 2, 3] {
+        nodes[i].wait_ring(3, Duration::from_secs(60)).await;
+    }
+    let remove_took = removing.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "acked {} messages; adding n4 took {add_took:?}, removing n2 {remove_took:?}",
+        acked.len()
+    );
+    assert!(
+        acked.len() > 100,
+        "load kept flowing: {} acked",
+        acked.len()
+    );
+
+    // ---- every acked message is in the history once, at its seq; no gaps, no repeats.
+    let mut by_conv: BTreeMap<String, Vec<&Acked>> = BTreeMap::new();
+    for a in &acked {
+        by_conv.entry(a.conversation.clone()).or_default().push(a);
+    }
+    let reader = |conv: &str| -> &User {
+        if conv == group_conv {
+            &users[0]
+        } else {
+            let a = by_conv[conv][0];
+            let pair: usize = a.body[1..a.body.find('#').unwrap()].parse().unwrap();
+            &users[2 * pair]
+        }
+    };
+    let mut histories: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for conv in by_conv.keys() {
+        let h = nodes[3].full_history(&reader(conv).token, conv).await;
+        let list: Vec<(u64, String)> = h
+            .iter()
+            .map(|m| {
+                (
+                    u64_field(m, "seq"),
+                    m["body"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "conversation {conv}: seqs without gaps"
+        );
+        let mut seen = HashSet::new();
+        for (_, body) in &list {
+            assert!(
+                body.is_empty() || body.starts_with('{') || seen.insert(body.clone()),
+                "conversation {conv}: {body} stored twice"
+            );
+        }
+        for a in &by_conv[conv] {
+            assert!(
+                list.contains(&(a.seq, a.body.clone())),
+                "acked {} (seq {}) missing from {conv}",
+                a.body,
+                a.seq
+            );
+        }
+        histories.insert(conv.clone(), list);
+    }
+
+    // ---- every member's inbox has each message of its conversations once, in order.
+    let mut member_of: HashMap<&str, Vec<String>> = HashMap::new();
+    for conv in by_conv.keys() {
+        if *conv == group_conv {
+            for u in &users[0..6] {
+                member_of
+                    .entry(u.id.as_str())
+                    .or_default()
+                    .push(conv.clone());
+            }
+        } else {
+            let a = by_conv[conv][0];
+            let pair: usize = a.body[1..a.body.find('#').unwrap()].parse().unwrap();
+            for u in [&users[2 * pair], &users[2 * pair + 1]] {
+                member_of
+                    .entry(u.id.as_str())
+                    .or_default()
+                    .push(conv.clone());
+            }
+        }
+    }
+    for u in &users {
+        let expected = member_of.get(u.id.as_str()).cloned().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = inbox(nodes[0].port, &u.token).await;
+            let complete = expected
+                .iter()
+                .all(|c| got.get(c).map(Vec::len) == Some(histories[c].len()));
+            if complete || Instant::now() > deadline {
+                for c in &expected {
+                    assert_eq!(
+                        got.get(c),
+                        Some(&histories[c]),
+                        "user {} inbox for {c}: every message once, in seq order",
+                        u.handle
+                    );
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    // ---- ownership is exactly the ring's, after each change; media moved whole.
+    let mut keys: Vec<String> = Vec::new();
+    for u in &users {
+        keys.push(format!("user:{}", u.id));
+        keys.push(format!("handle:{}", u.handle));
+    }
+    keys.extend(by_conv.keys().map(|c| format!("conversation:{c}")));
+    keys.push(format!("group:{group_id}"));
+    keys.extend(media.iter().map(|(id, _, _)| format!("media:{id}")));
+    let (owned_after_add, status) = owned(&after_add);
+    assert_eq!(
+        owned_after_add,
+        predicted(&ring(&["n1", "n2", "n3", "n4"]), &keys),
+        "after adding n4, each node owns what the ring says: {after_add}"
+    );
+    assert!(status.values().all(|s| s == "up"), "{after_add}");
+    let moved_to_n4 = owned_after_add["n4"];
+    let share = moved_to_n4 as f64 / keys.len() as f64;
+    assert!(
+        (0.1..=0.45).contains(&share),
+        "about a quarter of the entities moved to n4: {moved_to_n4} of {}",
+        keys.len()
+    );
+    let view = nodes[0].cluster().await;
+    assert_eq!(u64_field(&view, "ring_version"), 3, "{view}");
+    assert_eq!(u64_field(&view, "handoffs_pending"), 0, "{view}");
+    let (owned_final, status) = owned(&view);
+    assert_eq!(
+        owned_final,
+        predicted(&ring(&["n1", "n3", "n4"]), &keys),
+        "after removing n2, each node owns what the ring says: {view}"
+    );
+    assert!(status.values().all(|s| s == "up"), "{view}");
+    for (id, i, bytes) in &media {
+        let r = download(&nodes[3], &users[*i].token, id).await;
+        assert_eq!(r.status, 200, "media {id} after the moves: {}", r.text);
+        assert!(r.text == String::from_utf8_lossy(bytes), "media {id} bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_cluster_cannot_take_is_refused_and_the_old_ring_kept() {
+    let nodes = Node::start_cluster(2, "").await;
+    let a = nodes[0].user("fa").await;
+    let b = nodes[1].user("fb").await;
+    let path = nodes[0].dir_path().join("cluster.toml");
+    let good = std::fs::read_to_string(&path).expect("read cluster.toml");
+    let refused = |r: &Resp, status: u16, code: &str, what: &str| {
+        assert_http_error(r, status, code, what);
+    };
+
+    // A file that does not parse, one that moves a running node, one that changes
+    // vnodes: each refused with its reason; the node keeps ring version 1.
+    std::fs::write(&path, "[cluster\n").unwrap();
+    refused(
+        &nodes[0].reload().await,
+        400,
+        "invalid_config",
+        "unparsable file",
+    );
+    let moved = good.replacen(&format!("127.0.0.1:{}", nodes[1].port), "127.0.0.1:1", 1);
+    std::fs::write(&path, &moved).unwrap();
+    let r = nodes[0].reload().await;
+    refused(&r, 409, "reload_refused", "a node's address changed");
+    assert!(r.text.contains("n2"), "names the node: {}", r.text);
+    std::fs::write(&path, good.replace("vnodes = 64", "vnodes = 32")).unwrap();
+    let r = nodes[0].reload().await;
+    refused(&r, 409, "reload_refused", "vnodes changed");
+    assert!(r.text.contains("vnodes"), "{}", r.text);
+    // SIGHUP with a bad file: logged, nothing changes.
+    nodes[0].signal(libc::SIGHUP);
+
+    // A node given a file its peer does not have (a third node only n1 knows about):
+    // accepted, but nothing moves; n1 says it waits and keeps serving ring 1.
+    let (l, port) = free_port();
+    drop(l);
+    std::fs::write(
+        &path,
+        format!(
+            "{good}\n[[node]]\nid = \"n9\"\nclient_addr = \"127.0.0.1:{port}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = \"/nonexistent\"\n",
+            port + 1
+        ),
+    )
+    .unwrap();
+    let r = nodes[0].reload().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let view = nodes[0].cluster().await;
+    assert_eq!(u64_field(&view, "ring_version"), 1, "{view}");
+    let (_, status) = owned(&view);
+    assert_eq!(
+        status.get("n9").map(String::as_str),
+        Some("joining"),
+        "{view}"
+    );
+    assert!(
+        nodes[0].log_tail(200).contains("keeping the current ring"),
+        "the node says why it does not move"
+    );
+    let mut aw = nodes[1].ws(&a.token).await;
+    aw.sync(0).await;
+    aw.send_to_user(&b.id, "still served").await;
+
+    // Back to the file everyone has: nothing left to agree on.
+    std::fs::write(&path, &good).unwrap();
+    let r = nodes[0].reload().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let view = nodes[0].cluster().await;
+    let (_, status) = owned(&view);
+    assert_eq!(status.len(), 2, "{view}");
+    assert!(status.values().all(|s| s == "up"), "{view}");
+    assert_eq!(u64_field(&view, "ring_version"), 1, "{view}");
+    aw.send_to_user(&b.id, "and still").await;
+}
