@@ -194,57 +194,198 @@ async fn inbox(port: u16, token: &str) -> HashMap<String, Vec<(u64, String)>> {
     out
 }
 
+/// Twelve users on a cluster, six direct pairs and a group of six, one upload through
+/// each of the first three nodes; nine clients sending continuously while the test
+/// changes the cluster, then checks that nothing was lost, repeated or reordered.
+struct Workload {
+    users: Vec<User>,
+    group_id: String,
+    group_conv: String,
+    media: Vec<(String, usize, Vec<u8>)>,
+    ports: Arc<Mutex<Vec<u16>>>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workload {
+    async fn start(nodes: &[Node]) -> Workload {
+        let mut users = Vec::new();
+        for i in 0..12 {
+            users.push(nodes[i % 3].user("mv").await);
+        }
+        let members: Vec<&str> = users[1..6].iter().map(|u| u.id.as_str()).collect();
+        let g = nodes[0]
+            .post(
+                "/groups",
+                Some(&users[0].token),
+                &json!({"name": "movers", "members": members}),
+            )
+            .await;
+        assert_eq!(g.status, 201, "{}", g.text);
+        let group_id = str_field(&g.body, "group_id").to_string();
+        let group_conv = str_field(&g.body, "conversation_id").to_string();
+        // One upload through each node (each is stored where it arrives).
+        let mut media = Vec::new();
+        for (i, node) in nodes.iter().enumerate().take(3) {
+            let bytes: Vec<u8> = (0..300_000u32).map(|b| (b % 241) as u8 ^ i as u8).collect();
+            let id = upload(node, &users[i].token, &bytes).await;
+            media.push((id, i, bytes));
+        }
+        let mut w = Workload {
+            users,
+            group_id,
+            group_conv,
+            media,
+            ports: Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect())),
+            stop: Arc::new(AtomicBool::new(false)),
+            acked: Arc::new(Mutex::new(Vec::new())),
+            senders: Vec::new(),
+        };
+        for pair in 0..6 {
+            let (from, to) = (&w.users[2 * pair], &w.users[2 * pair + 1]);
+            let task = sender(
+                format!("d{pair}"),
+                from.token.clone(),
+                Target::User(to.id.clone()),
+                Arc::clone(&w.ports),
+                Arc::clone(&w.stop),
+                Arc::clone(&w.acked),
+            );
+            w.senders.push(tokio::spawn(task));
+        }
+        for (k, u) in [0usize, 3, 5].into_iter().enumerate() {
+            let task = sender(
+                format!("g{k}"),
+                w.users[u].token.clone(),
+                Target::Conversation(w.group_conv.clone()),
+                Arc::clone(&w.ports),
+                Arc::clone(&w.stop),
+                Arc::clone(&w.acked),
+            );
+            w.senders.push(tokio::spawn(task));
+        }
+        w
+    }
+
+    /// Stops the senders; what they got acked.
+    async fn stop(&mut self) -> Vec<Acked> {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.senders.drain(..) {
+            s.await.expect("sender");
+        }
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Every ring key the workload created.
+    fn keys(&self, acked: &[Acked]) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        for u in &self.users {
+            keys.push(format!("user:{}", u.id));
+            keys.push(format!("handle:{}", u.handle));
+        }
+        let convs: HashSet<&String> = acked.iter().map(|a| &a.conversation).collect();
+        keys.extend(convs.into_iter().map(|c| format!("conversation:{c}")));
+        keys.push(format!("group:{}", self.group_id));
+        keys.extend(self.media.iter().map(|(id, _, _)| format!("media:{id}")));
+        keys
+    }
+
+    /// Every acked message is in its conversation's history once, at its seq, seqs
+    /// have no gap, nothing is stored twice; every member's inbox (a fresh device
+    /// syncing from the start) holds each message of its conversations once, in seq
+    /// order; media are readable. Through `via`.
+    async fn verify(&self, via: &Node, acked: &[Acked]) {
+        let mut by_conv: BTreeMap<String, Vec<&Acked>> = BTreeMap::new();
+        for a in acked {
+            by_conv.entry(a.conversation.clone()).or_default().push(a);
+        }
+        let pair_of = |conv: &str| -> usize {
+            let a = by_conv[conv][0];
+            a.body[1..a.body.find('#').unwrap()].parse().unwrap()
+        };
+        let mut member_of: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut histories: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        for conv in by_conv.keys() {
+            let members: Vec<&User> = if *conv == self.group_conv {
+                self.users[0..6].iter().collect()
+            } else {
+                let pair = pair_of(conv);
+                vec![&self.users[2 * pair], &self.users[2 * pair + 1]]
+            };
+            for u in &members {
+                member_of
+                    .entry(u.id.as_str())
+                    .or_default()
+                    .push(conv.clone());
+            }
+            let h = via.full_history(&members[0].token, conv).await;
+            let list: Vec<(u64, String)> = h
+                .iter()
+                .map(|m| {
+                    (
+                        u64_field(m, "seq"),
+                        m["body"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
+            assert_eq!(
+                seqs,
+                (1..=seqs.len() as u64).collect::<Vec<_>>(),
+                "conversation {conv}: seqs without gaps"
+            );
+            let mut seen = HashSet::new();
+            for (_, body) in &list {
+                assert!(
+                    body.starts_with('{') || seen.insert(body.clone()),
+                    "conversation {conv}: {body} stored twice"
+                );
+            }
+            for a in &by_conv[conv] {
+                assert!(
+                    list.contains(&(a.seq, a.body.clone())),
+                    "acked {} (seq {}) missing from {conv}",
+                    a.body,
+                    a.seq
+                );
+            }
+            histories.insert(conv.clone(), list);
+        }
+        for u in &self.users {
+            let expected = member_of.get(u.id.as_str()).cloned().unwrap_or_default();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = inbox(via.port, &u.token).await;
+                let complete = expected
+                    .iter()
+                    .all(|c| got.get(c).map(Vec::len) == Some(histories[c].len()));
+                if complete || Instant::now() > deadline {
+                    for c in &expected {
+                        assert_eq!(
+                            got.get(c),
+                            Some(&histories[c]),
+                            "user {} inbox for {c}: every message once, in seq order",
+                            u.handle
+                        );
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        for (id, i, bytes) in &self.media {
+            let r = download(via, &self.users[*i].token, id).await;
+            assert_eq!(r.status, 200, "media {id}: {}", r.text);
+            assert!(r.text == String::from_utf8_lossy(bytes), "media {id} bytes");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_added_then_one_removed_under_load_loses_nothing() {
     let mut nodes = Node::start_cluster(3, "").await;
-    let mut users = Vec::new();
-    for i in 0..12 {
-        users.push(nodes[i % 3].user("mv").await);
-    }
-    let members: Vec<&str> = users[1..6].iter().map(|u| u.id.as_str()).collect();
-    let g = nodes[0]
-        .post(
-            "/groups",
-            Some(&users[0].token),
-            &json!({"name": "movers", "members": members}),
-        )
-        .await;
-    assert_eq!(g.status, 201, "{}", g.text);
-    let group_id = str_field(&g.body, "group_id").to_string();
-    let group_conv = str_field(&g.body, "conversation_id").to_string();
-    // One upload through each node (each is stored where it arrives).
-    let mut media = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let bytes: Vec<u8> = (0..300_000u32).map(|b| (b % 241) as u8 ^ i as u8).collect();
-        let id = upload(node, &users[i].token, &bytes).await;
-        media.push((id, i, bytes));
-    }
-
-    let ports = Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect::<Vec<_>>()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let mut senders = Vec::new();
-    for pair in 0..6 {
-        let (from, to) = (&users[2 * pair], &users[2 * pair + 1]);
-        senders.push(tokio::spawn(sender(
-            format!("d{pair}"),
-            from.token.clone(),
-            Target::User(to.id.clone()),
-            Arc::clone(&ports),
-            Arc::clone(&stop),
-            Arc::clone(&acked),
-        )));
-    }
-    for (k, u) in [0usize, 3, 5].into_iter().enumerate() {
-        senders.push(tokio::spawn(sender(
-            format!("g{k}"),
-            users[u].token.clone(),
-            Target::Conversation(group_conv.clone()),
-            Arc::clone(&ports),
-            Arc::clone(&stop),
-            Arc::clone(&acked),
-        )));
-    }
+    let mut load = Workload::start(&nodes).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // ---- add n4: its entry in the file, start it, reload everyone (both ways).
@@ -261,13 +402,13 @@ async fn a_node_added_then_one_removed_under_load_loses_nothing() {
         n.wait_ring(2, Duration::from_secs(60)).await;
     }
     let add_took = joined.elapsed();
-    ports.lock().unwrap().push(nodes[3].port);
+    load.ports.lock().unwrap().push(nodes[3].port);
     let after_add = nodes[3].cluster().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // ---- remove n2: out of the file, SIGHUP everyone, n2 included.
     let removing = Instant::now();
-    ports.lock().unwrap().retain(|p| *p != nodes[1].port);
+    load.ports.lock().unwrap().retain(|p| *p != nodes[1].port);
     nodes[0].drop_from_config("n2");
     for n in &nodes {
         n.signal(libc::SIGHUP);
@@ -279,11 +420,7 @@ async fn a_node_added_then_one_removed_under_load_loses_nothing() {
     }
     let remove_took = removing.elapsed();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for s in senders {
-        s.await.expect("sender");
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.stop().await;
     eprintln!(
         "acked {} messages; adding n4 took {add_took:?}, removing n2 {remove_took:?}",
         acked.len()
@@ -293,110 +430,10 @@ async fn a_node_added_then_one_removed_under_load_loses_nothing() {
         "load kept flowing: {} acked",
         acked.len()
     );
+    load.verify(&nodes[3], &acked).await;
 
-    // ---- every acked message is in the history once, at its seq; no gaps, no repeats.
-    let mut by_conv: BTreeMap<String, Vec<&Acked>> = BTreeMap::new();
-    for a in &acked {
-        by_conv.entry(a.conversation.clone()).or_default().push(a);
-    }
-    let reader = |conv: &str| -> &User {
-        if conv == group_conv {
-            &users[0]
-        } else {
-            let a = by_conv[conv][0];
-            let pair: usize = a.body[1..a.body.find('#').unwrap()].parse().unwrap();
-            &users[2 * pair]
-        }
-    };
-    let mut histories: HashMap<String, Vec<(u64, String)>> = HashMap::new();
-    for conv in by_conv.keys() {
-        let h = nodes[3].full_history(&reader(conv).token, conv).await;
-        let list: Vec<(u64, String)> = h
-            .iter()
-            .map(|m| {
-                (
-                    u64_field(m, "seq"),
-                    m["body"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
-        let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "conversation {conv}: seqs without gaps"
-        );
-        let mut seen = HashSet::new();
-        for (_, body) in &list {
-            assert!(
-                body.is_empty() || body.starts_with('{') || seen.insert(body.clone()),
-                "conversation {conv}: {body} stored twice"
-            );
-        }
-        for a in &by_conv[conv] {
-            assert!(
-                list.contains(&(a.seq, a.body.clone())),
-                "acked {} (seq {}) missing from {conv}",
-                a.body,
-                a.seq
-            );
-        }
-        histories.insert(conv.clone(), list);
-    }
-
-    // ---- every member's inbox has each message of its conversations once, in order.
-    let mut member_of: HashMap<&str, Vec<String>> = HashMap::new();
-    for conv in by_conv.keys() {
-        if *conv == group_conv {
-            for u in &users[0..6] {
-                member_of
-                    .entry(u.id.as_str())
-                    .or_default()
-                    .push(conv.clone());
-            }
-        } else {
-            let a = by_conv[conv][0];
-            let pair: usize = a.body[1..a.body.find('#').unwrap()].parse().unwrap();
-            for u in [&users[2 * pair], &users[2 * pair + 1]] {
-                member_of
-                    .entry(u.id.as_str())
-                    .or_default()
-                    .push(conv.clone());
-            }
-        }
-    }
-    for u in &users {
-        let expected = member_of.get(u.id.as_str()).cloned().unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let got = inbox(nodes[0].port, &u.token).await;
-            let complete = expected
-                .iter()
-                .all(|c| got.get(c).map(Vec::len) == Some(histories[c].len()));
-            if complete || Instant::now() > deadline {
-                for c in &expected {
-                    assert_eq!(
-                        got.get(c),
-                        Some(&histories[c]),
-                        "user {} inbox for {c}: every message once, in seq order",
-                        u.handle
-                    );
-                }
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    // ---- ownership is exactly the ring's, after each change; media moved whole.
-    let mut keys: Vec<String> = Vec::new();
-    for u in &users {
-        keys.push(format!("user:{}", u.id));
-        keys.push(format!("handle:{}", u.handle));
-    }
-    keys.extend(by_conv.keys().map(|c| format!("conversation:{c}")));
-    keys.push(format!("group:{group_id}"));
-    keys.extend(media.iter().map(|(id, _, _)| format!("media:{id}")));
+    // ---- ownership is exactly the ring's, after each change.
+    let keys = load.keys(&acked);
     let (owned_after_add, status) = owned(&after_add);
     assert_eq!(
         owned_after_add,
@@ -421,11 +458,49 @@ async fn a_node_added_then_one_removed_under_load_loses_nothing() {
         "after removing n2, each node owns what the ring says: {view}"
     );
     assert!(status.values().all(|s| s == "up"), "{view}");
-    for (id, i, bytes) in &media {
-        let r = download(&nodes[3], &users[*i].token, id).await;
-        assert_eq!(r.status, 200, "media {id} after the moves: {}", r.text);
-        assert!(r.text == String::from_utf8_lossy(bytes), "media {id} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_survives_a_frozen_new_node_and_a_killed_old_one() {
+    let mut nodes = Node::start_cluster(3, "").await;
+    let mut load = Workload::start(&nodes).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // n4 joins and is then frozen: the others agree (on what it last said) and start
+    // handing off to it, and every batch to it fails.
+    let mut n4 = nodes[0].join("n4");
+    let r = nodes[0].reload().await;
+    assert_eq!(r.status, 200, "reload: {}", r.text);
+    n4.wait_serving().await;
+    // (Ring states go out every half second: let n1 hear n4's before it freezes.)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    n4.signal(libc::SIGSTOP);
+    nodes[1].signal(libc::SIGHUP);
+    nodes[2].signal(libc::SIGHUP);
+    // n1 is killed in the middle of its handoff, and restarted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes[0].log_tail(400).contains("handoff batch failed") {
+        assert!(Instant::now() < deadline, "n1 never tried to hand off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    nodes[0].kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[0].restart().await;
+    n4.signal(libc::SIGCONT);
+    nodes.push(n4);
+    for n in &nodes {
+        n.wait_ring(2, Duration::from_secs(60)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let acked = load.stop().await;
+    eprintln!("acked {} messages", acked.len());
+    load.verify(&nodes[3], &acked).await;
+    let view = nodes[1].cluster().await;
+    let (owned_now, _) = owned(&view);
+    assert_eq!(
+        owned_now,
+        predicted(&ring(&["n1", "n2", "n3", "n4"]), &load.keys(&acked)),
+        "{view}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

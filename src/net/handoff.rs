@@ -112,7 +112,7 @@ pub async fn run(router: Arc<Router>) {
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep media files handed off"),
         _ => {}
     }
-    while let Err(e) = router.handed_off(ring).await {
+    while let Err(e) = router.handed_off(&target).await {
         tracing::error!(error = %e, "cannot record the handoff as done; retrying");
         tokio::time::sleep(RETRY).await;
     }

@@ -247,6 +247,9 @@ pub struct Membership {
     /// The last state each peer sent.
     pub peers: HashMap<String, RingState>,
     pub handed_off: bool,
+    /// The move to `target` has started here (recorded durably: some entities may
+    /// already be at their next home, so the target cannot change until committed).
+    pub started: bool,
     pub phase: Phase,
     /// Calls for leaving entities served here and not yet answered.
     pub inflight: usize,

@@ -42,6 +42,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts when the actor turns out to have stopped under us.
 const ATTEMPTS: usize = 3;
 
+/// Calls held for moving entities at most; past it they answer `owner_unavailable` (the
+/// caller retries), so a long handoff under heavy load cannot hold memory without bound.
+const MAX_HELD: usize = 10_000;
 /// How often the membership loop tells the peers our ring state and looks at theirs.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
 /// A leaving node waits at most this long, once committed, for the others to commit
@@ -97,10 +100,18 @@ impl Router {
         peers: Arc<PeerLinks>,
     ) -> Arc<Self> {
         let vnodes = config.cluster.vnodes;
-        let target = Ring::new(config.nodes.iter().map(|n| n.id.clone()), vnodes);
-        let handed_off = stored
-            .as_ref()
-            .is_some_and(|r| r.handed_off == Some(target.signature()));
+        let mut target = Ring::new(config.nodes.iter().map(|n| n.id.clone()), vnodes);
+        // A move that had started finishes first, whatever the file says by now: some
+        // of this node's entities may already live at their next home.
+        let started = stored.as_ref().and_then(|r| r.moving_to.clone());
+        if let Some(nodes) = &started {
+            let moving_to = Ring::new(nodes.clone(), vnodes);
+            if moving_to != target {
+                tracing::warn!(moving_to = ?nodes, file = ?target.nodes(), "a ring change was under way when this node stopped: finishing it before the file's");
+            }
+            target = moving_to;
+        }
+        let handed_off = started.is_some() && stored.as_ref().is_some_and(|r| r.handed_off);
         let committed = stored.map(|r| (r.version, Ring::new(r.nodes, r.vnodes)));
         let membership = Membership {
             me: node_id.clone(),
@@ -122,8 +133,12 @@ impl Router {
                 .collect(),
             peers: HashMap::new(),
             handed_off,
+            started: started.is_some(),
+            // Held until the handoff runs again and lists what is still here.
             phase: if handed_off {
                 Phase::Moving(Default::default())
+            } else if started.is_some() {
+                Phase::Draining
             } else {
                 Phase::Idle
             },
@@ -338,6 +353,9 @@ impl Router {
                 self.peers.call(&node, call)
             }
             Place::Forward(node) => self.peers.call(&node, call),
+            Place::Hold(_) if m.held.len() >= MAX_HELD => {
+                Box::pin(async { Err(ActorError::Unavailable) })
+            }
             Place::Hold(_) => {
                 let (answer, rx) = oneshot::channel();
                 m.held.push(Held { key, call, answer });
@@ -491,8 +509,10 @@ impl Router {
             tracing::error!(error = %e, "cannot list pending fan-outs");
             Vec::new()
         });
+        // Through `dispatch`, like any call: an entity that is moving is resumed where
+        // it lives once it has arrived, never restarted at its old home.
         for id in fanouts {
-            let call = self.serve_here(PeerCall::Conversation(id, ConversationRequest::Resume));
+            let call = self.dispatch(PeerCall::Conversation(id, ConversationRequest::Resume));
             actix::spawn(async move {
                 if let Err(e) = call.await {
                     tracing::warn!(conversation_id = %id, error = %e, "cannot resume fan-out");
@@ -504,7 +524,7 @@ impl Router {
             Vec::new()
         });
         for id in groups {
-            let call = self.serve_here(PeerCall::Group(id, GroupRequest::Settle));
+            let call = self.dispatch(PeerCall::Group(id, GroupRequest::Settle));
             actix::spawn(async move {
                 if let Err(e) = call.await {
                     tracing::info!(group_id = %id, error = %e, "membership change still pending; its group retries");
@@ -591,7 +611,7 @@ impl Router {
                 m.version()
             ));
         }
-        if m.handing_off || m.handed_off {
+        if m.handing_off || m.started {
             return Err(format!(
                 "a move to nodes {:?} is under way: reload again once it is committed",
                 m.target.nodes()
@@ -627,6 +647,7 @@ impl Router {
     /// theirs, and takes the step `membership::decide` gives.
     pub async fn run_membership(self: Arc<Self>) {
         let mut told = tokio::time::Instant::now() - MEMBERSHIP_TICK;
+        let mut last_told = None;
         loop {
             let (state, step) = {
                 let m = self.membership();
@@ -634,11 +655,13 @@ impl Router {
                 let step = decide(&self.node_id, &state, &m.peers);
                 (state, step)
             };
-            if told.elapsed() >= MEMBERSHIP_TICK / 2 {
+            // Every tick, and at once when our state changed.
+            if told.elapsed() >= MEMBERSHIP_TICK / 2 || last_told.as_ref() != Some(&state) {
                 for node in self.peers.nodes() {
                     self.peers.cast(&node, PeerCast::Ring(state.clone()));
                 }
                 told = tokio::time::Instant::now();
+                last_told = Some(state);
             }
             let acted = self.take_step(step).await;
             if !acted {
@@ -667,7 +690,7 @@ impl Router {
             }
             Step::Adopt { version, nodes } => {
                 let vnodes = self.membership().vnodes;
-                if let Err(e) = self.record_ring(version, &nodes, vnodes, None).await {
+                if let Err(e) = self.record_ring(version, &nodes, vnodes, None, false).await {
                     tracing::error!(error = %e, "cannot record the ring");
                     return false;
                 }
@@ -710,13 +733,15 @@ impl Router {
         version: u64,
         nodes: &[String],
         vnodes: u32,
-        handed_off: Option<u64>,
+        moving_to: Option<Vec<String>>,
+        handed_off: bool,
     ) -> Result<(), ActorError> {
         let store = self.registry.store();
         store.put_ring_record(&RingRecord {
             version,
             nodes: nodes.to_vec(),
             vnodes,
+            moving_to,
             handed_off,
         })?;
         store.commit(1).await?;
@@ -729,7 +754,7 @@ impl Router {
             let m = self.membership();
             (m.target.nodes().to_vec(), m.vnodes)
         };
-        if let Err(e) = self.record_ring(version, &nodes, vnodes, None).await {
+        if let Err(e) = self.record_ring(version, &nodes, vnodes, None, false).await {
             tracing::error!(error = %e, "cannot record the new ring; retrying");
             tokio::time::sleep(MEMBERSHIP_TICK).await;
             return;
@@ -740,6 +765,7 @@ impl Router {
             m.committed = Some((version, target));
             m.addrs.retain(|node, _| nodes.contains(node));
             m.handed_off = false;
+            m.started = false;
             m.handing_off = false;
             m.phase = Phase::Idle;
             m.waiting = None;
@@ -808,16 +834,37 @@ impl Router {
 
     // ---- the handoff task's hooks (see `net/handoff.rs`) ----
 
-    /// Holds every call for a leaving entity; answers the target ring, once the calls
-    /// already served for leaving entities have finished.
+    /// Holds every call for a leaving entity and records, durably, that the move to
+    /// the target has started; answers the target ring, once the calls already served
+    /// for leaving entities have finished.
     pub(crate) async fn begin_handoff(&self) -> Ring {
-        let target = {
+        let (target, version, committed) = {
             let mut m = self.membership();
             if !matches!(m.phase, Phase::Moving(_)) {
                 m.phase = Phase::Draining;
             }
-            m.target.clone()
+            let (version, committed) = m
+                .committed
+                .as_ref()
+                .map(|(v, r)| (*v, r.nodes().to_vec()))
+                .unwrap_or_default();
+            (m.target.clone(), version, committed)
         };
+        let moving_to = Some(target.nodes().to_vec());
+        while let Err(e) = self
+            .record_ring(
+                version,
+                &committed,
+                target.vnodes(),
+                moving_to.clone(),
+                false,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the start of the handoff; retrying");
+            tokio::time::sleep(MEMBERSHIP_TICK).await;
+        }
+        self.membership().started = true;
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
         while self.membership().inflight > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -845,13 +892,13 @@ impl Router {
     }
 
     /// Everything this ring change takes from this node has gone (recorded durably).
-    pub(crate) async fn handed_off(&self, target: u64) -> Result<(), ActorError> {
+    pub(crate) async fn handed_off(&self, target: &Ring) -> Result<(), ActorError> {
         let (version, nodes, vnodes) = {
             let m = self.membership();
             let (v, ring) = m.committed.as_ref().ok_or(ActorError::Unavailable)?;
             (*v, ring.nodes().to_vec(), ring.vnodes())
         };
-        self.record_ring(version, &nodes, vnodes, Some(target))
+        self.record_ring(version, &nodes, vnodes, Some(target.nodes().to_vec()), true)
             .await?;
         let mut m = self.membership();
         m.handed_off = true;

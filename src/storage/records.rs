@@ -182,12 +182,14 @@ pub struct GroupMembership {
 }
 
 /// The ring a node serves: its version (counted from 1, one more per membership
-/// change), its nodes and points per node; and, while it hands off to the next ring,
-/// whether its share has all gone (`handed_off` holds that ring's signature).
+/// change), its nodes and points per node; and, once it has started handing off to
+/// the next ring, that ring's nodes (`moving_to`: a restart finishes that move, whatever
+/// the file says by then) and whether its share has all gone (`handed_off`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingRecord {
     pub version: u64,
     pub nodes: Vec<String>,
     pub vnodes: u32,
-    pub handed_off: Option<u64>,
+    pub moving_to: Option<Vec<String>>,
+    pub handed_off: bool,
 }

@@ -1061,7 +1061,8 @@ mod tests {
             version: 3,
             nodes: vec!["a".into(), "b".into()],
             vnodes: 64,
-            handed_off: Some(0xAB),
+            moving_to: Some(vec!["a".into(), "b".into(), "c".into()]),
+            handed_off: true,
         };
         {
             let store = Store::open(dir.path()).unwrap();
