@@ -56,6 +56,8 @@ pub struct Metrics {
     pub handoff_entities: IntCounter,
     /// Duration of this node's share of each handoff.
     pub handoff_seconds: Histogram,
+    /// Times an entity actor kept dying and its restart was delayed.
+    pub actor_crash_loops: IntCounterVec,
 }
 
 impl Metrics {
@@ -170,7 +172,16 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).expect("static buckets")),
         )
         .expect("static metric");
+        let actor_crash_loops = IntCounterVec::new(
+            Opts::new(
+                "actor_crash_loops_total",
+                "Times an entity actor kept dying and its restart was delayed",
+            ),
+            &["kind"],
+        )
+        .expect("static metric");
         let m = Metrics {
+            actor_crash_loops,
             ring_version,
             handoff_entities,
             handoff_seconds,
@@ -218,6 +229,7 @@ impl Metrics {
             Box::new(m.ring_version.clone()),
             Box::new(m.handoff_entities.clone()),
             Box::new(m.handoff_seconds.clone()),
+            Box::new(m.actor_crash_loops.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -909,6 +909,14 @@ impl Handler<ConversationCall> for ConversationActor {
     }
 }
 
+impl Handler<Kill> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, _: &mut Context<Self>) {
+        panic!("chaos: killed by POST /admin/chaos/kill");
+    }
+}
+
 impl Handler<Retire> for ConversationActor {
     type Result = ();
 

@@ -470,6 +470,14 @@ impl Handler<GroupCall> for GroupActor {
     }
 }
 
+impl Handler<Kill> for GroupActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, _: &mut Context<Self>) {
+        panic!("chaos: killed by POST /admin/chaos/kill");
+    }
+}
+
 impl Handler<Retire> for GroupActor {
     type Result = ();
 

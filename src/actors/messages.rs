@@ -351,3 +351,49 @@ pub struct ConversationCall(pub ConversationRequest);
 #[derive(Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct Retire;
+
+/// Stops an entity actor abruptly, as a panic would (chaos testing): its handler
+/// panics. Its supervisor (the registry) brings it back from storage on the next call.
+#[derive(Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Kill;
+
+/// An entity that has an actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Entity {
+    User(UserId),
+    Conversation(ConversationId),
+    Group(GroupId),
+}
+
+impl Entity {
+    pub fn ring_key(&self) -> String {
+        match self {
+            Entity::User(id) => id.ring_key(),
+            Entity::Conversation(id) => id.ring_key(),
+            Entity::Group(id) => id.ring_key(),
+        }
+    }
+
+    /// `user:<id>` and the like, as the chaos endpoint names entities.
+    pub fn parse(s: &str) -> Option<Entity> {
+        let (kind, id) = s.split_once(':')?;
+        let id = Uuid::parse_str(id).ok()?;
+        match kind {
+            "user" => Some(Entity::User(UserId(id))),
+            "conversation" => Some(Entity::Conversation(ConversationId(id))),
+            "group" => Some(Entity::Group(GroupId(id))),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entity::User(id) => write!(f, "user:{id}"),
+            Entity::Conversation(id) => write!(f, "conversation:{id}"),
+            Entity::Group(id) => write!(f, "group:{id}"),
+        }
+    }
+}

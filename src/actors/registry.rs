@@ -14,13 +14,14 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 
 use super::conversation::ConversationActor;
 use super::error::ActorError;
 use super::group::GroupActor;
-use super::messages::{ConversationRequest, Retire};
+use super::messages::{ConversationRequest, Entity, Kill, Retire};
 use super::route::Route;
 use super::user::UserActor;
 use crate::config::Limits;
@@ -37,7 +38,26 @@ pub struct Registry {
     users: Mutex<HashMap<UserId, Addr<UserActor>>>,
     conversations: Mutex<HashMap<ConversationId, Addr<ConversationActor>>>,
     groups: Mutex<HashMap<GroupId, Addr<GroupActor>>>,
+    /// Entities whose actor died lately, for crash-loop backoff.
+    deaths: Mutex<HashMap<Entity, Deaths>>,
 }
+
+/// How an entity's actor has been dying lately.
+#[derive(Debug, Clone, Copy)]
+struct Deaths {
+    /// Deaths in a row, each within [`CRASH_WINDOW`] of the one before.
+    count: u32,
+    last: Instant,
+    /// No restart before this (a crash loop's backoff).
+    not_before: Instant,
+}
+
+/// Deaths further apart than this are not a loop.
+const CRASH_WINDOW: Duration = Duration::from_secs(30);
+/// Deaths in a row restarted at once; past this, restarts back off.
+const FREE_RESTARTS: u32 = 3;
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Registry {
     /// Creates the registry and its arbiter pool. Must run inside an actix system.
@@ -53,6 +73,7 @@ impl Registry {
             users: Mutex::new(HashMap::new()),
             conversations: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
+            deaths: Mutex::new(HashMap::new()),
         })
     }
 
@@ -74,11 +95,12 @@ impl Registry {
         self.route.get().and_then(Weak::upgrade)
     }
 
-    /// The user's actor, started if it is not running.
-    pub fn user(self: &Arc<Self>, id: UserId) -> Addr<UserActor> {
+    /// The user's actor, started if it is not running (`Unavailable` while a crash
+    /// loop backs off).
+    pub fn user(self: &Arc<Self>, id: UserId) -> Result<Addr<UserActor>, ActorError> {
         let arbiter = self.arbiter_for(id.as_bytes());
         let registry = Arc::clone(self);
-        get_or_start(&self.users, id, "user", move || {
+        self.get_or_start(&self.users, id, Entity::User(id), move || {
             start_on(&arbiter, USER_MAILBOX, move || {
                 UserActor::load(id, registry)
             })
@@ -86,25 +108,139 @@ impl Registry {
     }
 
     /// The conversation's actor, started if it is not running.
-    pub fn conversation(self: &Arc<Self>, id: ConversationId) -> Addr<ConversationActor> {
+    pub fn conversation(
+        self: &Arc<Self>,
+        id: ConversationId,
+    ) -> Result<Addr<ConversationActor>, ActorError> {
         let arbiter = self.arbiter_for(id.as_bytes());
         let registry = Arc::clone(self);
-        get_or_start(&self.conversations, id, "conversation", move || {
-            start_on(&arbiter, CONVERSATION_MAILBOX, move || {
-                ConversationActor::load(id, registry)
-            })
-        })
+        self.get_or_start(
+            &self.conversations,
+            id,
+            Entity::Conversation(id),
+            move || {
+                start_on(&arbiter, CONVERSATION_MAILBOX, move || {
+                    ConversationActor::load(id, registry)
+                })
+            },
+        )
     }
 
     /// The group's actor, started if it is not running.
-    pub fn group(self: &Arc<Self>, id: GroupId) -> Addr<GroupActor> {
+    pub fn group(self: &Arc<Self>, id: GroupId) -> Result<Addr<GroupActor>, ActorError> {
         let arbiter = self.arbiter_for(id.as_bytes());
         let registry = Arc::clone(self);
-        get_or_start(&self.groups, id, "group", move || {
+        self.get_or_start(&self.groups, id, Entity::Group(id), move || {
             start_on(&arbiter, GROUP_MAILBOX, move || {
                 GroupActor::load(id, registry)
             })
         })
+    }
+
+    /// The running actor for `id`, or a fresh one from storage. An actor found dead (it
+    /// stopped without deregistering: a panic, a chaos kill) is restarted at once the
+    /// first few times in a row; after that each restart waits longer (200 ms doubling
+    /// to 30 s), and calls meanwhile answer `Unavailable`, so an actor that dies on
+    /// every start is not spun on. Logged and counted (`actor_crash_loops_total`).
+    fn get_or_start<K: Eq + Hash + Copy, A: Actor>(
+        &self,
+        map: &Mutex<HashMap<K, Addr<A>>>,
+        id: K,
+        entity: Entity,
+        start: impl FnOnce() -> Addr<A>,
+    ) -> Result<Addr<A>, ActorError> {
+        let kind = match entity {
+            Entity::User(_) => "user",
+            Entity::Conversation(_) => "conversation",
+            Entity::Group(_) => "group",
+        };
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(addr) = map.get(&id) {
+            if addr.connected() {
+                return Ok(addr.clone());
+            }
+            map.remove(&id);
+            self.died(entity, kind);
+        }
+        let now = Instant::now();
+        let backing_off = self
+            .deaths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&entity)
+            .is_some_and(|d| now < d.not_before);
+        if backing_off {
+            return Err(ActorError::Unavailable);
+        }
+        let addr = start();
+        map.insert(id, addr.clone());
+        Ok(addr)
+    }
+
+    /// Records that `entity`'s actor died, and decides when it may start again.
+    fn died(&self, entity: Entity, kind: &'static str) {
+        let now = Instant::now();
+        metrics().actor_restarts.with_label_values(&[kind]).inc();
+        let mut deaths = self.deaths.lock().unwrap_or_else(|p| p.into_inner());
+        if deaths.len() > 10_000 {
+            deaths.retain(|_, d| now.duration_since(d.last) < CRASH_WINDOW);
+        }
+        let d = deaths.entry(entity).or_insert(Deaths {
+            count: 0,
+            last: now,
+            not_before: now,
+        });
+        if now.duration_since(d.last) > CRASH_WINDOW {
+            d.count = 0;
+        }
+        d.count += 1;
+        d.last = now;
+        if d.count <= FREE_RESTARTS {
+            tracing::warn!(%entity, "entity actor died; restarting it from storage");
+            return;
+        }
+        let doublings = (d.count - FREE_RESTARTS - 1).min(16);
+        let delay = (BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_MAX);
+        d.not_before = now + delay;
+        metrics().actor_crash_loops.with_label_values(&[kind]).inc();
+        tracing::error!(%entity, deaths = d.count, delay_ms = delay.as_millis() as u64, "entity actor keeps dying; restarting it after a delay");
+    }
+
+    /// Stops `entity`'s actor abruptly, as a panic would (chaos testing); started first
+    /// if it is not running, so the kill is always real.
+    pub fn kill(self: &Arc<Self>, entity: Entity) -> Result<(), ActorError> {
+        match entity {
+            Entity::User(id) => self.user(id)?.do_send(Kill),
+            Entity::Conversation(id) => self.conversation(id)?.do_send(Kill),
+            Entity::Group(id) => self.group(id)?.do_send(Kill),
+        }
+        Ok(())
+    }
+
+    /// A running entity actor picked at random, if any runs here.
+    pub fn random_running(&self) -> Option<Entity> {
+        fn live<K: Copy, A: Actor>(
+            map: &Mutex<HashMap<K, Addr<A>>>,
+            wrap: fn(K) -> Entity,
+        ) -> Vec<Entity> {
+            let map = map.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(_, a)| a.connected())
+                .map(|(k, _)| wrap(*k))
+                .collect()
+        }
+        let mut all = live(&self.users, Entity::User);
+        all.extend(live(&self.conversations, Entity::Conversation));
+        all.extend(live(&self.groups, Entity::Group));
+        if all.is_empty() {
+            return None;
+        }
+        let pick = usize::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..8]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        Some(all[pick % all.len()])
     }
 
     /// The user's actor if it is running. A user with a live session always has a
@@ -311,17 +447,25 @@ impl Registry {
         stop_all(&self.groups, |id: &GroupId| leaving(&id.ring_key())).await;
     }
 
-    /// Called by a stopping user actor: later calls start a fresh one.
+    /// Called by a stopping user actor: later calls start a fresh one. An actor that
+    /// stops because it panicked (actix still runs `stopping` while the panic unwinds)
+    /// is recorded as a death, for crash-loop backoff.
     pub(crate) fn forget_user(&self, id: UserId, addr: &Addr<UserActor>) {
-        forget(&self.users, id, addr);
+        if forget(&self.users, id, addr) && std::thread::panicking() {
+            self.died(Entity::User(id), "user");
+        }
     }
 
     pub(crate) fn forget_group(&self, id: GroupId, addr: &Addr<GroupActor>) {
-        forget(&self.groups, id, addr);
+        if forget(&self.groups, id, addr) && std::thread::panicking() {
+            self.died(Entity::Group(id), "group");
+        }
     }
 
     pub(crate) fn forget_conversation(&self, id: ConversationId, addr: &Addr<ConversationActor>) {
-        forget(&self.conversations, id, addr);
+        if forget(&self.conversations, id, addr) && std::thread::panicking() {
+            self.died(Entity::Conversation(id), "conversation");
+        }
     }
 
     fn arbiter_for(&self, id: &[u8; 16]) -> ArbiterHandle {
@@ -361,29 +505,13 @@ where
     Addr::new(tx)
 }
 
-fn get_or_start<K: Eq + Hash + Copy, A: Actor>(
-    map: &Mutex<HashMap<K, Addr<A>>>,
-    id: K,
-    kind: &str,
-    start: impl FnOnce() -> Addr<A>,
-) -> Addr<A> {
-    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(addr) = map.get(&id) {
-        if addr.connected() {
-            return addr.clone();
-        }
-        // It stopped without deregistering: it died (panic, kill). Bring it back.
-        metrics().actor_restarts.with_label_values(&[kind]).inc();
-        tracing::warn!(kind, "entity actor died; restarting it from storage");
-    }
-    let addr = start();
-    map.insert(id, addr.clone());
-    addr
-}
-
-fn forget<K: Eq + Hash, A: Actor>(map: &Mutex<HashMap<K, Addr<A>>>, id: K, addr: &Addr<A>) {
+/// Removes `addr` as `id`'s actor, if it still is; whether it was.
+fn forget<K: Eq + Hash, A: Actor>(map: &Mutex<HashMap<K, Addr<A>>>, id: K, addr: &Addr<A>) -> bool {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
     if map.get(&id) == Some(addr) {
         map.remove(&id);
+        true
+    } else {
+        false
     }
 }

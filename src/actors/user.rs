@@ -781,6 +781,14 @@ impl Handler<UserCall> for UserActor {
     }
 }
 
+impl Handler<Kill> for UserActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, _: &mut Context<Self>) {
+        panic!("chaos: killed by POST /admin/chaos/kill");
+    }
+}
+
 impl Handler<Retire> for UserActor {
     type Result = ();
 

@@ -34,6 +34,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics_text))
         .service(resource("/admin/cluster").get(admin_cluster))
         .service(resource("/admin/reload").post(admin_reload))
+        .service(resource("/admin/chaos/kill").post(chaos_kill))
+        .service(resource("/admin/chaos/partition").post(chaos_partition))
+        .service(resource("/admin/chaos/storage").post(chaos_storage))
         .service(
             web::scope("/api/v1")
                 .service(resource("/users").get(find_user).post(register))
@@ -175,6 +178,106 @@ fn admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
             "admin token missing or wrong",
         ))
     }
+}
+
+/// Admits an operator to the chaos calls: they exist only with `[chaos] enabled = true`
+/// (and an admin token).
+fn chaos_admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    if !state.chaos {
+        return Err(no_such_endpoint());
+    }
+    admin(state, req)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    target: String,
+}
+
+/// `POST /admin/chaos/kill`: stops an entity actor abruptly, as a panic would (at the
+/// entity's home node); `random` picks one of the actors running on this node.
+async fn chaos_kill(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Json(body): Json<KillBody>,
+) -> Result<HttpResponse, ApiError> {
+    chaos_admin(&state, &req)?;
+    let entity = if body.target == "random" {
+        state.router.registry().random_running().ok_or_else(|| {
+            ApiError::new(404, "not_found", "no entity actor is running on this node")
+        })?
+    } else {
+        Entity::parse(&body.target).ok_or_else(|| {
+            ApiError::bad_request(
+                "target must be \"random\", \"user:<id>\", \"conversation:<id>\" or \"group:<id>\"",
+            )
+        })?
+    };
+    state.router.kill(entity).await?;
+    Ok(HttpResponse::Ok().json(json!({"killed": entity.to_string()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionBody {
+    peer: String,
+    for_ms: u64,
+}
+
+/// Longest partition or storage fault the chaos calls inject (10 minutes).
+const MAX_CHAOS_MS: u64 = 600_000;
+
+/// `POST /admin/chaos/partition`: drops this node's link to `peer`, both ways, for
+/// `for_ms`; it heals by itself.
+async fn chaos_partition(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Json(body): Json<PartitionBody>,
+) -> Result<HttpResponse, ApiError> {
+    chaos_admin(&state, &req)?;
+    if body.for_ms == 0 || body.for_ms > MAX_CHAOS_MS {
+        return Err(ApiError::bad_request(format!(
+            "for_ms must be 1..={MAX_CHAOS_MS}"
+        )));
+    }
+    let duration = std::time::Duration::from_millis(body.for_ms);
+    if !state.router.peers().partition(&body.peer, duration) {
+        return Err(ApiError::new(
+            404,
+            "unknown_node",
+            format!("this node has no link to a node {:?}", body.peer),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(json!({"partitioned": body.peer, "for_ms": body.for_ms})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFaultBody {
+    fail_for_ms: u64,
+}
+
+/// `POST /admin/chaos/storage` (not in the contract; same conditions as the other chaos
+/// calls): every flush of this node's storage fails, as on an I/O error, for
+/// `fail_for_ms`.
+async fn chaos_storage(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Json(body): Json<StorageFaultBody>,
+) -> Result<HttpResponse, ApiError> {
+    chaos_admin(&state, &req)?;
+    if body.fail_for_ms == 0 || body.fail_for_ms > MAX_CHAOS_MS {
+        return Err(ApiError::bad_request(format!(
+            "fail_for_ms must be 1..={MAX_CHAOS_MS}"
+        )));
+    }
+    state
+        .router
+        .registry()
+        .store()
+        .inject_failures(body.fail_for_ms);
+    Ok(HttpResponse::Ok().json(json!({"failing_for_ms": body.fail_for_ms})))
 }
 
 /// `GET /admin/cluster`: the ring this node runs and how each node is doing.

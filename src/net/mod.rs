@@ -68,6 +68,8 @@ pub(crate) struct AppState {
     pub http: reqwest::Client,
     /// The cluster file, re-read by `POST /admin/reload`.
     pub config_path: Arc<std::path::Path>,
+    /// `[chaos] enabled`: the `/admin/chaos/*` calls exist.
+    pub chaos: bool,
 }
 
 /// Runs one node until it is told to stop (SIGINT/SIGTERM), or until it has left the
@@ -158,6 +160,7 @@ pub async fn serve(
             .build()
             .map_err(|e| NetError::Io(std::io::Error::other(e)))?,
         config_path: Arc::from(config_path.as_path()),
+        chaos: config.chaos.enabled,
     };
     tracing::info!(node = %node.id, addr = %node.client_addr, data_dir = %node.data_dir.display(), "serving");
     let left = Arc::clone(&state.router);

@@ -103,6 +103,8 @@ pub enum PeerCall {
     ResolveHandle(String),
     /// How many entities the receiving node stores.
     Owned,
+    /// Chaos testing: stop that entity's actor abruptly (`POST /admin/chaos/kill`).
+    Kill(Entity),
     /// Entities handed off to the receiving node, for the ring with signature `ring`:
     /// raw records (see `storage::EntityDump`); durable before the answer if `commit`.
     Import {
@@ -248,6 +250,10 @@ struct Link {
     /// Set when the node leaves the cluster file: the link stops for good.
     closed: AtomicBool,
     stop: tokio::sync::Notify,
+    /// Chaos testing: no connection either way until then.
+    partitioned_until: Mutex<Option<tokio::time::Instant>>,
+    /// Ends the peer's inbound connection (a partition).
+    inbound_stop: tokio::sync::Notify,
     /// The writer of the peer's own link to us, while it is connected: casts take it
     /// when our outbound link is not up (yet). A restarted peer's link to us comes up
     /// before ours to it, and events for its sessions must not be lost in between.
@@ -272,6 +278,15 @@ impl Drop for Pending {
 }
 
 impl Link {
+    /// The end of a partition in force, if one is.
+    fn partitioned(&self) -> Option<tokio::time::Instant> {
+        let until = *self
+            .partitioned_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        until.filter(|u| *u > tokio::time::Instant::now())
+    }
+
     fn fail_pending(&self) {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         for (_, tx) in pending {
@@ -335,6 +350,25 @@ impl PeerLinks {
             link.stop.notify_one();
             link.wake.notify_one();
         }
+    }
+
+    /// Chaos testing: drops both directions of the link to `node` and refuses it for
+    /// `duration`; then it reconnects by itself. `false` if there is no such link.
+    pub fn partition(&self, node: &str, duration: Duration) -> bool {
+        let Some(link) = self.link(node) else {
+            return false;
+        };
+        *link
+            .partitioned_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now() + duration);
+        tracing::warn!(peer = %node, ms = duration.as_millis() as u64, "chaos: partitioning the link");
+        // `notify_waiters`: only the connections up now end; no permit is left behind
+        // for the next one.
+        link.stop.notify_waiters();
+        link.inbound_stop.notify_waiters();
+        link.wake.notify_waiters();
+        true
     }
 
     /// The nodes this node has links to.
@@ -440,6 +474,14 @@ impl PeerLinks {
         let mut backoff = RETRY_MIN;
         let mut warned = false;
         while !link.closed.load(Ordering::Acquire) {
+            if let Some(until) = link.partitioned() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = link.stop.notified() => {}
+                }
+                backoff = RETRY_MIN;
+                continue;
+            }
             match self.connect(&link).await {
                 Ok(wire) => {
                     backoff = RETRY_MIN;
@@ -499,6 +541,15 @@ impl PeerLinks {
                 expected, theirs.node
             ));
         }
+        if self
+            .link(&theirs.node)
+            .is_some_and(|l| l.partitioned().is_some())
+        {
+            return Err(format!(
+                "node {:?} is partitioned away (chaos)",
+                theirs.node
+            ));
+        }
         if self.link(&theirs.node).is_none() {
             return Err(format!(
                 "node {:?} is not in this node's cluster.toml",
@@ -536,6 +587,11 @@ impl PeerLinks {
                     }
                 }
                 _ = ping.tick() => {
+                    // (A partition also ends the connection here, should its
+                    // notification have fallen between two polls.)
+                    if link.partitioned().is_some() {
+                        return "partitioned (chaos)".into();
+                    }
                     if heard.elapsed() > PEER_SILENCE {
                         return format!("no answer for {PEER_SILENCE:?}");
                     }
@@ -631,7 +687,14 @@ impl PeerLinks {
             link.wake.notify_one();
         }
         let result = loop {
+            let partitioned = async {
+                match &link {
+                    Some(l) => l.inbound_stop.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             let incoming = tokio::select! {
+                _ = partitioned => break Err("partitioned (chaos)".into()),
                 incoming = tokio::time::timeout(PEER_SILENCE * 2, stream.next()) => incoming,
                 // Answers can no longer be written: serving more calls would only run
                 // them unanswered.
@@ -643,6 +706,9 @@ impl PeerLinks {
                 Ok(None) => break Ok(()),
                 Err(_) => break Err(format!("no frame for {:?}", PEER_SILENCE * 2)),
             };
+            if link.as_ref().is_some_and(|l| l.partitioned().is_some()) {
+                break Err("partitioned (chaos)".into());
+            }
             let Some(handler) = self.handler() else {
                 break Ok(());
             };
@@ -699,6 +765,8 @@ fn new_link(node: String, addr: SocketAddr) -> (Arc<Link>, LinkRx) {
         wake: tokio::sync::Notify::new(),
         closed: AtomicBool::new(false),
         stop: tokio::sync::Notify::new(),
+        partitioned_until: Mutex::new(None),
+        inbound_stop: tokio::sync::Notify::new(),
         reverse: Mutex::new(None),
     });
     let rx = LinkRx {

@@ -440,6 +440,10 @@ impl Router {
             PeerCall::Owned => {
                 Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
             }
+            PeerCall::Kill(entity) => {
+                let killed = registry.kill(entity).map(|()| PeerReply::Done);
+                Box::pin(async move { killed })
+            }
             PeerCall::Import {
                 ring,
                 records,
@@ -908,6 +912,11 @@ impl Router {
         Ok(())
     }
 
+    /// Chaos testing: stops `entity`'s actor abruptly, at its home.
+    pub fn kill(&self, entity: Entity) -> Call<()> {
+        narrow(self.dispatch(PeerCall::Kill(entity)), done)
+    }
+
     /// Tells `from`'s home that `session` (on this node) is gone.
     fn session_gone(&self, from: UserId, session: u64) {
         let session = SessionRef {
@@ -931,6 +940,7 @@ fn call_key(call: &PeerCall) -> Option<String> {
         PeerCall::ClaimHandle(h, _)
         | PeerCall::ReleaseHandle(h, _)
         | PeerCall::ResolveHandle(h) => handle_ring_key(h),
+        PeerCall::Kill(entity) => entity.ring_key(),
         PeerCall::Owned
         | PeerCall::Import { .. }
         | PeerCall::HasMediaFile(_)
@@ -964,7 +974,7 @@ fn owner(r: PeerReply) -> Option<Option<UserId>> {
 /// into the mailbox in that order, whatever order their futures are polled in.
 fn call_local<A, M, R>(
     kind: &'static str,
-    lookup: impl Fn() -> Addr<A> + Send + 'static,
+    lookup: impl Fn() -> Result<Addr<A>, ActorError> + Send + 'static,
     msg: M,
 ) -> Call<R>
 where
@@ -973,26 +983,36 @@ where
     R: Send + 'static,
 {
     let depth = metrics().mailbox_depth.with_label_values(&[kind]);
+    let first = match lookup() {
+        Ok(addr) => addr.send(msg.clone()),
+        Err(e) => return Box::pin(async move { Err(e) }),
+    };
     depth.inc();
-    let first = lookup().send(msg.clone());
     Box::pin(async move {
         let mut attempt = first;
+        let mut result = Err(ActorError::Unavailable);
         for tries_left in (0..ATTEMPTS).rev() {
-            let res = attempt.timeout(CALL_TIMEOUT).await;
-            match res {
+            match attempt.timeout(CALL_TIMEOUT).await {
                 Ok(reply) => {
-                    depth.dec();
-                    return reply;
+                    result = reply;
+                    break;
                 }
+                // The actor stopped (or died) before answering: ask a fresh one.
                 Err(MailboxError::Closed) if tries_left > 0 => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                    attempt = lookup().send(msg.clone());
+                    match lookup() {
+                        Ok(addr) => attempt = addr.send(msg.clone()),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
                 }
                 Err(_) => break,
             }
         }
         depth.dec();
-        Err(ActorError::Unavailable)
+        result
     })
 }
 

@@ -36,6 +36,9 @@ pub(crate) struct Committer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The last flush error, until a flush succeeds again; read by `/healthz`.
     failure: Arc<Mutex<Option<String>>>,
+    /// Chaos testing: until this time (ms since the epoch) every flush fails with an
+    /// injected I/O error, without flushing (`Store::inject_failures`).
+    fail_until: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Committer {
@@ -48,13 +51,16 @@ impl Committer {
         let (tx, rx) = mpsc::channel::<Job>();
         let failure = Arc::new(Mutex::new(None));
         let failure_thread = Arc::clone(&failure);
+        let fail_until = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let fail_until_thread = Arc::clone(&fail_until);
         let thread = std::thread::Builder::new()
             .name("group-commit".into())
-            .spawn(move || run(db, log, rx, failure_thread))?;
+            .spawn(move || run(db, log, rx, failure_thread, fail_until_thread))?;
         Ok(Committer {
             tx,
             thread: Some(thread),
             failure,
+            fail_until,
         })
     }
 
@@ -70,6 +76,13 @@ impl Committer {
     pub(crate) fn failure(&self) -> Option<String> {
         self.failure.lock().map(|f| f.clone()).unwrap_or(None)
     }
+
+    /// Makes every flush fail for the next `for_ms` milliseconds.
+    pub(crate) fn inject_failures(&self, for_ms: u64) {
+        let until = crate::now_ms().saturating_add(i64::try_from(for_ms).unwrap_or(i64::MAX));
+        self.fail_until
+            .store(until, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Drop for Committer {
@@ -81,7 +94,13 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, log: File, rx: mpsc::Receiver<Job>, failure: Arc<Mutex<Option<String>>>) {
+fn run(
+    db: sled::Db,
+    log: File,
+    rx: mpsc::Receiver<Job>,
+    failure: Arc<Mutex<Option<String>>>,
+    fail_until: Arc<std::sync::atomic::AtomicI64>,
+) {
     let m = metrics();
     let mut batch = Vec::new();
     let mut stop = false;
@@ -97,10 +116,16 @@ fn run(db: sled::Db, log: File, rx: mpsc::Receiver<Job>, failure: Arc<Mutex<Opti
             }
         }
         let started = Instant::now();
-        let result = db
-            .flush()
-            .map_err(StorageError::from)
-            .and_then(|_| log.sync_data().map_err(StorageError::from));
+        let injected = crate::now_ms() < fail_until.load(std::sync::atomic::Ordering::Acquire);
+        let result = if injected {
+            Err(StorageError::Io(
+                "injected I/O error (chaos: POST /admin/chaos/storage)".into(),
+            ))
+        } else {
+            db.flush()
+                .map_err(StorageError::from)
+                .and_then(|_| log.sync_data().map_err(StorageError::from))
+        };
         m.flush_seconds.observe(started.elapsed().as_secs_f64());
         m.flush_batch
             .observe(f64::from(batch.iter().map(|t| t.weight).sum::<u32>()));

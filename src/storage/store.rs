@@ -78,6 +78,12 @@ impl Store {
     }
 
     /// The last flush failure, while the disk keeps failing.
+    /// Chaos testing: every commit fails for the next `for_ms` milliseconds, as if the
+    /// disk returned an I/O error (nothing is flushed meanwhile).
+    pub fn inject_failures(&self, for_ms: u64) {
+        self.inner.committer.inject_failures(for_ms);
+    }
+
     pub fn failure(&self) -> Option<String> {
         self.inner.committer.failure()
     }
