@@ -291,6 +291,23 @@ impl UserActor {
 
     /// Drops the sessions (own and watching) that `gone` picks; the user goes offline
     /// if that was its last.
+    /// Closes (1012) every live session of this user, wherever it is.
+    fn close_sessions(&mut self, reason: &str) {
+        let Some(route) = self.registry.route() else {
+            return;
+        };
+        for s in self.sessions.drain(..) {
+            route.deliver(
+                self.id,
+                &s.session,
+                SessionEvent::Close {
+                    code: 1012,
+                    reason: reason.to_string(),
+                },
+            );
+        }
+    }
+
     fn forget_sessions(&mut self, gone: impl Fn(&SessionRef) -> bool) {
         self.watchers.retain(|w| !gone(w));
         let before = self.sessions.len();
@@ -687,6 +704,12 @@ impl Actor for UserActor {
 
     fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
         self.registry.forget_user(self.id, &ctx.address());
+        // A crash (actix runs this while the panic unwinds) loses the live sessions the
+        // actor held: close them, so their clients reconnect, attach to the fresh
+        // actor and sync, rather than sit on a connection nothing is pushed to.
+        if std::thread::panicking() {
+            self.close_sessions("the server restarted this user's state: reconnect and sync");
+        }
         Running::Stop
     }
 
@@ -796,18 +819,7 @@ impl Handler<Retire> for UserActor {
     /// user's new home. (Presence watchers are not carried over: a watcher's
     /// subscription ends with the move, written down as a limit.)
     fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
-        if let Some(route) = self.registry.route() {
-            for s in &self.sessions {
-                route.deliver(
-                    self.id,
-                    &s.session,
-                    SessionEvent::Close {
-                        code: 1012,
-                        reason: "this user moved to another node: reconnect and sync".into(),
-                    },
-                );
-            }
-        }
+        self.close_sessions("this user moved to another node: reconnect and sync");
         ctx.stop();
     }
 }
