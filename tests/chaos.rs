@@ -142,7 +142,7 @@ async fn device(
                         .got
                         .push((inbox_seq, conv.clone(), seq, body));
                     received += 1;
-                    if marks_read && received % 16 == 0 {
+                    if marks_read && received.is_multiple_of(16) {
                         let mark = json!({"type": "read", "conversation_id": conv, "seq": seq});
                         let _ = ws.try_send_text(mark.to_string()).await;
                     }
