@@ -195,7 +195,8 @@ impl ClusterConfig {
             return Err(invalid("no [[node]] entries".into()));
         }
         let mut nodes = Vec::with_capacity(raw.node.len());
-        let (mut ids, mut addrs, mut dirs) = (HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut ids, mut dirs) = (HashSet::new(), HashSet::new());
+        let mut addrs: std::collections::HashMap<SocketAddr, String> = Default::default();
         for n in raw.node {
             let at =
                 |field: &str, what: String| invalid(format!("node {:?}: {field}: {what}", n.id));
@@ -224,10 +225,10 @@ impl ClusterConfig {
                 )
             })?;
             for (field, addr) in [("client_addr", client_addr), ("peer_addr", peer_addr)] {
-                if !addrs.insert(addr) {
+                if let Some(other) = addrs.insert(addr, n.id.clone()) {
                     return Err(at(
                         field,
-                        format!("{addr} is already used by another address"),
+                        format!("{addr} is already used by node {other:?}"),
                     ));
                 }
             }

@@ -458,6 +458,24 @@ async fn a_node_added_then_one_removed_under_load_loses_nothing() {
         "after removing n2, each node owns what the ring says: {view}"
     );
     assert!(status.values().all(|s| s == "up"), "{view}");
+
+    // ---- n2 comes back on its old data dir: it joins like a new node.
+    nodes[1].rejoin();
+    for i in [0, 2, 3] {
+        nodes[i].signal(libc::SIGHUP);
+    }
+    nodes[1].wait_serving().await;
+    for n in &nodes {
+        n.wait_ring(4, Duration::from_secs(60)).await;
+    }
+    let view = nodes[1].cluster().await;
+    let (owned_back, _) = owned(&view);
+    assert_eq!(
+        owned_back,
+        predicted(&ring(&["n1", "n2", "n3", "n4"]), &keys),
+        "n2 back: {view}"
+    );
+    load.verify(&nodes[1], &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,12 @@ pub struct Registry {
     groups: Mutex<HashMap<GroupId, Addr<GroupActor>>>,
     /// Entities whose actor died lately, for crash-loop backoff.
     deaths: Mutex<HashMap<Entity, Deaths>>,
+    /// During a handoff: the entities (by ring key) that are moving away, whose actors
+    /// must not start here again.
+    fence: Mutex<Option<Fence>>,
 }
+
+type Fence = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// How an entity's actor has been dying lately.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +79,7 @@ impl Registry {
             conversations: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             deaths: Mutex::new(HashMap::new()),
+            fence: Mutex::new(None),
         })
     }
 
@@ -161,6 +167,15 @@ impl Registry {
             }
             map.remove(&id);
             self.died(entity, kind);
+        }
+        let fenced = self
+            .fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|leaving| leaving(&entity.ring_key()));
+        if fenced {
+            return Err(ActorError::Unavailable);
         }
         let now = Instant::now();
         let backing_off = self
@@ -306,6 +321,9 @@ impl Registry {
         content_type: String,
         uploader: UserId,
     ) -> Result<MediaRecord, ActorError> {
+        // The file and its record together, so a handoff never removes bytes a new
+        // record is about to name.
+        let _media = self.store.lock_media().await;
         let (sha256, size) = writer.finish().await?;
         let rec = MediaRecord {
             media_id,
@@ -423,8 +441,12 @@ impl Registry {
     }
 
     /// Stops, for good, the running actors of the entities whose ring key `leaving`
-    /// picks (they are moving to another node), and waits until each has stopped.
-    pub async fn retire(&self, leaving: impl Fn(&str) -> bool) {
+    /// picks (they are moving to another node), and waits until each has stopped. Until
+    /// `unfence`, such actors are not started here again (a lookup answers
+    /// `Unavailable`), whatever path asks.
+    pub async fn retire(&self, leaving: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let leaving: Fence = Arc::new(leaving);
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&leaving));
         async fn stop_all<K, A>(map: &Mutex<HashMap<K, Addr<A>>>, pick: impl Fn(&K) -> bool)
         where
             K: Eq + Hash + Copy,
@@ -445,6 +467,11 @@ impl Registry {
         })
         .await;
         stop_all(&self.groups, |id: &GroupId| leaving(&id.ring_key())).await;
+    }
+
+    /// Ends the fence of `retire` (the ring change is committed).
+    pub fn unfence(&self) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Called by a stopping user actor: later calls start a fresh one. An actor that

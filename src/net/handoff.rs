@@ -18,9 +18,9 @@
 //!    only after its new home holds it durably, and calls reach the new home only
 //!    after the deletion is durable, so a restarted old home never sends stale data
 //!    over newer.
-//! 4. **Done.** Media files no record names any more are removed, and "handed off" is
-//!    recorded durably and told to the peers; the ring is committed once every node
-//!    has said so.
+//! 4. **Done.** The files of the media that left are removed (under the media lock,
+//!    unless a media still here has the same bytes), and "handed off" is recorded
+//!    durably and told to the peers; the ring is committed once every node has said so.
 //!
 //! Limit, written down: an entity is exported whole into memory (a conversation with
 //! a very long history moves as one batch of parts, held at once).
@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::peer::{PeerCall, PeerReply};
+use super::ring::Ring;
 use super::Router;
 use crate::actors::{ActorError, Route};
 use crate::metrics::metrics;
@@ -45,9 +46,9 @@ const FILE_PART: usize = 512 << 10;
 const RETRY: Duration = Duration::from_secs(1);
 
 /// Hands off everything the next ring takes from this node, then records that.
-pub async fn run(router: Arc<Router>) {
+pub async fn run(router: Arc<Router>, target: Ring) {
     let started = Instant::now();
-    let target = router.begin_handoff().await;
+    router.begin_handoff(&target).await;
     let ring = target.signature();
     let me = router.node_id().to_string();
     let next_home = |key: &str| {
@@ -56,10 +57,11 @@ pub async fn run(router: Arc<Router>) {
             .filter(|n| **n != me)
             .map(str::to_string)
     };
-    router
-        .registry()
-        .retire(|key| next_home(key).is_some())
-        .await;
+    let leaving = {
+        let (target, me) = (target.clone(), me.clone());
+        move |key: &str| target.owner(key.as_bytes()).is_some_and(|n| n != me)
+    };
+    router.registry().retire(leaving).await;
     let store = router.registry().store().clone();
     let entities = loop {
         let listing = store.clone();
@@ -87,12 +89,13 @@ pub async fn run(router: Arc<Router>) {
     router.listed(left);
     // One stream of batches per new home, side by side: a slow or unreachable home
     // holds up only the entities going there.
+    let moved_files: std::sync::Mutex<Vec<String>> = Default::default();
     let streams = by_home.iter().map(|(home, list)| {
-        let (router, store) = (&router, &store);
+        let (router, store, moved_files) = (&router, &store, &moved_files);
         async move {
             for batch in list.chunks(BATCH_ENTITIES) {
                 let mut attempt = 0u32;
-                while let Err(e) = send_batch(router, store, home, ring, batch).await {
+                while let Err(e) = send_batch(router, store, home, ring, batch, moved_files).await {
                     attempt += 1;
                     if attempt == 1 || attempt.is_multiple_of(30) {
                         tracing::warn!(to = %home, error = %e, attempt, "handoff batch failed; sending it again");
@@ -106,11 +109,17 @@ pub async fn run(router: Arc<Router>) {
         }
     });
     futures_util::future::join_all(streams).await;
-    let sweeping = store.clone();
-    match tokio::task::spawn_blocking(move || sweeping.sweep_media_files()).await {
-        Ok(Ok(n)) if n > 0 => tracing::info!(files = n, "removed media files handed off"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep media files handed off"),
-        _ => {}
+    // The bytes of the media that left, unless a media still here has the same.
+    let gone: Vec<String> =
+        std::mem::take(&mut *moved_files.lock().unwrap_or_else(|p| p.into_inner()));
+    if !gone.is_empty() {
+        let _media = store.lock_media().await;
+        let sweeping = store.clone();
+        match tokio::task::spawn_blocking(move || sweeping.remove_media_files(&gone)).await {
+            Ok(Ok(n)) => tracing::info!(files = n, "removed media files handed off"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove media files handed off"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove media files handed off"),
+        }
     }
     while let Err(e) = router.handed_off(&target).await {
         tracing::error!(error = %e, "cannot record the handoff as done; retrying");
@@ -132,13 +141,16 @@ async fn send_batch(
     home: &str,
     ring: u64,
     batch: &[(EntityKey, String)],
+    moved_files: &std::sync::Mutex<Vec<String>>,
 ) -> Result<(), ActorError> {
     let mut part = Vec::new();
     let mut part_bytes = 0;
+    let mut files = Vec::new();
     for (entity, _) in batch {
         if let EntityKey::Media(id) = entity {
             if let Some(rec) = store.media(*id)? {
                 send_file(router, store, home, &rec.sha256).await?;
+                files.push(rec.sha256);
             }
         }
         for record in store.export_entity(entity)?.records {
@@ -155,6 +167,10 @@ async fn send_batch(
         store.delete_entity(entity)?;
     }
     store.commit(batch.len() as u32).await?;
+    moved_files
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(files);
     Ok(())
 }
 

@@ -645,7 +645,8 @@ async fn upload_media(
             "upload shorter than its Content-Length",
         ));
     }
-    let id = state.router.new_media_id().ok_or_else(|| {
+    // The guard counts the upload as in flight until its record is stored.
+    let (id, _in_flight) = state.router.new_media_id().ok_or_else(|| {
         ApiError::new(
             503,
             "owner_unavailable",

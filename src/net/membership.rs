@@ -46,8 +46,11 @@ pub struct RingState {
 pub enum Step {
     /// Nothing to do: committed and target are the same ring.
     Idle,
-    /// Keep serving the committed ring; the reason is for the operator.
+    /// Keep serving the committed ring: something keeps the cluster from moving (the
+    /// reason is for the operator).
     Wait(String),
+    /// Keep serving the committed ring: the change is under way (what it waits for).
+    Progress(String),
     /// Take this ring as committed (a node with none yet).
     Adopt { version: u64, nodes: Vec<String> },
     /// Hand off what the target takes from this node.
@@ -98,7 +101,7 @@ pub fn decide(me: &str, mine: &RingState, peers: &HashMap<String, RingState>) ->
     } else if unfinished.is_empty() {
         Step::Commit { version: next.0 }
     } else {
-        Step::Wait(format!(
+        Step::Progress(format!(
             "waiting for {} to finish handing off",
             unfinished.join(", ")
         ))
@@ -167,7 +170,7 @@ fn adopt(me: &str, mine: &RingState, peers: &HashMap<String, RingState>) -> Step
     for node in mine.target.iter().filter(|n| n.as_str() != me) {
         let Some(s) = peers.get(node) else {
             return Step::Wait(format!(
-                "first start: waiting for node {node:?} (a new cluster starts once all its nodes are up)"
+                "no ring yet: waiting to hear from node {node:?} (a new cluster starts once all its nodes are up; a node added to a running cluster starts once the running nodes have reloaded a cluster.toml that names it)"
             ));
         };
         if s.target != mine.target || s.vnodes != mine.vnodes {
@@ -199,8 +202,7 @@ pub struct NodeAddrs {
 /// Where a call for one entity goes, on this node, now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Place {
-    /// Served here. `leaving`: the entity will move away (the call is counted, so the
-    /// handoff can wait for it to finish before moving the entity).
+    /// Served here. `leaving`: the entity will move away once the handoff starts.
     Here { leaving: bool },
     /// To its home over that node's link.
     Peer(String),
@@ -251,8 +253,12 @@ pub struct Membership {
     /// already be at their next home, so the target cannot change until committed).
     pub started: bool,
     pub phase: Phase,
-    /// Calls for leaving entities served here and not yet answered.
-    pub inflight: usize,
+    /// Counts handoffs started here; calls served here are counted in flight by the
+    /// parity of the epoch they started in, so a handoff can wait for every call that
+    /// started before it (whatever entity it was for) without waiting for later ones.
+    pub epoch: u64,
+    /// Calls served here and not yet answered, by epoch parity.
+    pub inflight: [usize; 2],
     /// Calls held for moving entities, oldest first.
     pub held: Vec<Held>,
     /// A handoff task is running.
@@ -342,9 +348,12 @@ impl Membership {
             vnodes: self.vnodes,
             target: self.target.nodes().to_vec(),
             handed_off: self.handed_off,
+            // While this node has not handed off, at least 1: its share is not
+            // listed yet, or not moved.
             pending: match &self.phase {
-                Phase::Moving(left) => left.len() as u64,
-                _ => 0,
+                _ if !self.changing() || self.handed_off => 0,
+                Phase::Moving(left) => (left.len() as u64).max(1),
+                _ => 1,
             },
         }
     }
@@ -369,13 +378,21 @@ impl Membership {
     }
 
     /// Takes the held calls that can go now (their entity has moved), oldest first;
-    /// the rest stay held.
+    /// the rest stay held. Once a caller has given up on a held call, the later calls
+    /// held for the same entity are refused rather than sent: they may be later sends
+    /// of the same connection, which must not overtake the one it will retry.
     pub fn ready(&mut self) -> Vec<(Held, Place)> {
         let held = std::mem::take(&mut self.held);
         let mut out = Vec::new();
+        let mut broken: HashSet<String> = HashSet::new();
         for h in held {
             if h.answer.is_closed() {
-                continue; // its caller gave up
+                broken.insert(h.key.clone());
+                continue;
+            }
+            if broken.contains(&h.key) {
+                out.push((h, Place::Refused));
+                continue;
             }
             match self.accept(h.key.as_bytes()) {
                 Place::Hold(_) => self.held.push(h),
@@ -383,6 +400,24 @@ impl Membership {
             }
         }
         out
+    }
+
+    /// Drops held calls whose caller has given up (and, as in `ready`, refuses the
+    /// later ones for the same entity); what is refused is returned to be answered.
+    pub fn prune(&mut self) -> Vec<Held> {
+        let held = std::mem::take(&mut self.held);
+        let mut refused = Vec::new();
+        let mut broken: HashSet<String> = HashSet::new();
+        for h in held {
+            if h.answer.is_closed() {
+                broken.insert(h.key.clone());
+            } else if broken.contains(&h.key) {
+                refused.push(h);
+            } else {
+                self.held.push(h);
+            }
+        }
+        refused
     }
 }
 
@@ -483,7 +518,7 @@ mod tests {
         p.insert("d".into(), state(Some((3, ABC)), ABCD, false));
         assert_eq!(decide("a", &mine, &p), Step::Handoff);
         let done = state(Some((3, ABC)), ABCD, true);
-        assert!(matches!(decide("a", &done, &p), Step::Wait(_)));
+        assert!(matches!(decide("a", &done, &p), Step::Progress(_)));
         for n in ["b", "c", "d"] {
             p.insert(n.into(), state(Some((3, ABC)), ABCD, true));
         }

@@ -164,6 +164,8 @@ enum Frame {
         result: Result<PeerReply, ActorError>,
     },
     Cast(PeerCast),
+    /// Instead of a `Hello`: the accepting side will not take this link, and why.
+    Refused(String),
     /// Liveness, every [`PING_EVERY`] from the dialling side; answered with `Pong`.
     Ping,
     Pong,
@@ -346,6 +348,7 @@ impl PeerLinks {
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);
         if let Some(link) = link {
+            let _ = metrics().peer_up.remove_label_values(&[node]);
             link.closed.store(true, Ordering::Release);
             link.stop.notify_one();
             link.wake.notify_one();
@@ -421,6 +424,7 @@ impl PeerLinks {
     /// Sends a call to `node` and waits (bounded) for its answer.
     pub fn call(&self, node: &str, call: PeerCall) -> Call<PeerReply> {
         let Some(link) = self.link(node).filter(|l| l.up.load(Ordering::Acquire)) else {
+            metrics().peer_calls_failed.inc();
             return Box::pin(async { Err(ActorError::Unavailable) });
         };
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -661,14 +665,15 @@ impl PeerLinks {
         let _ = stream.set_nodelay(true);
         let mut wire = Framed::new(stream, codec());
         let theirs = read_hello(&mut wire).await?;
-        // Answer with our Hello even when refusing, so the other side can say why.
+        // A refusal says why, so the other side can log it (and back off).
+        if let Err(e) = self.check_hello(&theirs, None) {
+            tracing::warn!(peer = %theirs.node, error = %e, "refusing peer link");
+            let _ = wire.send(single(&Frame::Refused(e.clone()))?).await;
+            return Err(e);
+        }
         wire.send(single(&Frame::Hello(self.me.clone()))?)
             .await
             .map_err(|e| e.to_string())?;
-        if let Err(e) = self.check_hello(&theirs, None) {
-            tracing::error!(peer = %theirs.node, error = %e, "refusing peer link");
-            return Err(e);
-        }
         let from = theirs.node;
         let (mut sink, mut stream) = wire.split();
         let (tx, mut rx) = mpsc::channel::<Queued>(LINK_QUEUE);
@@ -790,6 +795,7 @@ async fn read_hello(wire: &mut Wire) -> Result<Hello, String> {
         .map_err(|e| e.to_string())?;
     match unpack(&first)?.into_iter().next() {
         Some(Frame::Hello(h)) => Ok(h),
+        Some(Frame::Refused(why)) => Err(format!("refused by the peer: {why}")),
         other => Err(format!("expected hello, got {other:?}")),
     }
 }

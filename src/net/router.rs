@@ -45,10 +45,18 @@ const ATTEMPTS: usize = 3;
 /// Calls held for moving entities at most; past it they answer `owner_unavailable` (the
 /// caller retries), so a long handoff under heavy load cannot hold memory without bound.
 const MAX_HELD: usize = 10_000;
+/// How often a change that cannot proceed is logged again.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+enum StepKind {
+    Problem,
+    Other,
+}
+
 /// How often the membership loop tells the peers our ring state and looks at theirs.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
-/// A leaving node waits at most this long, once committed, for the others to commit
-/// too before it stops serving.
+/// The other nodes keep their link to a node that left this long after they commit
+/// (it waits to hear that they did before it stops).
 const LEAVE_GRACE: Duration = Duration::from_secs(10);
 
 pub struct Router {
@@ -63,8 +71,13 @@ pub struct Router {
     sessions: SessionTable,
     pusher: Option<Pusher>,
     peers: Arc<PeerLinks>,
+    /// Fan-outs and group changes that arrived unfinished in a handoff, resumed once the
+    /// import that carries them is durable.
+    arriving_marks: Mutex<(Vec<ConversationId>, Vec<GroupId>)>,
     /// Media files arriving in a handoff, by hash: the writer and the next offset.
     arriving_files: tokio::sync::Mutex<HashMap<String, (MediaWriter, u64)>>,
+    /// When the membership loop last logged why the ring does not change.
+    last_said: Mutex<std::time::Instant>,
     /// Notified when this node has left the cluster and should stop serving.
     pub(crate) left: tokio::sync::Notify,
 }
@@ -75,12 +88,21 @@ enum Home {
     Peer(String),
 }
 
-/// Counts a call for a leaving entity until it is answered (see `Place::Here`).
-struct InFlight(Arc<Mutex<Membership>>);
+/// Counts a call served here until it is answered, in the slot of the epoch it started
+/// in (see `Membership::epoch`); an upload holds one from its id to its record.
+pub(crate) struct InFlight(Arc<Mutex<Membership>>, usize);
+
+impl InFlight {
+    fn new(membership: &Arc<Mutex<Membership>>, m: &mut Membership) -> InFlight {
+        let slot = (m.epoch % 2) as usize;
+        m.inflight[slot] += 1;
+        InFlight(Arc::clone(membership), slot)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        lock(&self.0).inflight -= 1;
+        lock(&self.0).inflight[self.1] -= 1;
     }
 }
 
@@ -112,7 +134,17 @@ impl Router {
             target = moving_to;
         }
         let handed_off = started.is_some() && stored.as_ref().is_some_and(|r| r.handed_off);
-        let committed = stored.map(|r| (r.version, Ring::new(r.nodes, r.vnodes)));
+        let mut committed = stored.map(|r| (r.version, Ring::new(r.nodes, r.vnodes)));
+        // A node that left the cluster handed everything off: started again (its entry
+        // back in the file), it joins like a new node.
+        if started.is_none()
+            && committed
+                .as_ref()
+                .is_some_and(|(_, r)| !r.contains(&node_id))
+        {
+            tracing::info!("this node left the cluster before: joining it as a new node");
+            committed = None;
+        }
         let membership = Membership {
             me: node_id.clone(),
             vnodes,
@@ -142,7 +174,8 @@ impl Router {
             } else {
                 Phase::Idle
             },
-            inflight: 0,
+            epoch: 0,
+            inflight: [0, 0],
             held: Vec::new(),
             handing_off: false,
             waiting: None,
@@ -158,7 +191,9 @@ impl Router {
             pusher,
             peers,
             arriving_files: Default::default(),
+            arriving_marks: Default::default(),
             left: tokio::sync::Notify::new(),
+            last_said: Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -202,12 +237,16 @@ impl Router {
     /// by the committed ring and, during a ring change, by the next one too. (A
     /// random id lands here with probability about 1/n.) `None` if no id does: a
     /// joining or leaving node stores no uploads until the change is committed.
-    pub fn new_media_id(&self) -> Option<uuid::Uuid> {
-        let m = self.membership();
-        (0..1000).map(|_| uuid::Uuid::new_v4()).find(|id| {
+    ///
+    /// The upload counts as a call in flight until its guard is dropped (once its record
+    /// is stored), so a handoff that starts meanwhile waits for it and lists it.
+    pub(crate) fn new_media_id(&self) -> Option<(uuid::Uuid, InFlight)> {
+        let mut m = self.membership();
+        let id = (0..1000).map(|_| uuid::Uuid::new_v4()).find(|id| {
             let key = media_ring_key(id);
             m.place(key.as_bytes()) == Place::Here { leaving: false }
-        })
+        })?;
+        Some((id, InFlight::new(&self.membership, &mut m)))
     }
 
     /// The client address of the node serving the media, if that is another node:
@@ -334,14 +373,9 @@ impl Router {
         call: PeerCall,
     ) -> Call<PeerReply> {
         match place {
-            Place::Here { leaving: false } => {
+            Place::Here { .. } => {
+                let counted = InFlight::new(&self.membership, &mut m);
                 drop(m);
-                self.serve_here(call)
-            }
-            Place::Here { leaving: true } => {
-                m.inflight += 1;
-                drop(m);
-                let counted = InFlight(Arc::clone(&self.membership));
                 let answer = self.serve_here(call);
                 Box::pin(async move {
                     let _counted = counted;
@@ -353,7 +387,14 @@ impl Router {
                 self.peers.call(&node, call)
             }
             Place::Forward(node) => self.peers.call(&node, call),
-            Place::Hold(_) if m.held.len() >= MAX_HELD => {
+            Place::Hold(_)
+                if m.held.len() >= MAX_HELD && {
+                    for refused in m.prune() {
+                        let _ = refused.answer.send(Err(ActorError::Unavailable));
+                    }
+                    m.held.len() >= MAX_HELD
+                } =>
+            {
                 Box::pin(async { Err(ActorError::Unavailable) })
             }
             Place::Hold(_) => {
@@ -497,10 +538,20 @@ impl Router {
             }
             let store = me.registry.store();
             let n = records.len() as u32;
-            store.import_entity(&crate::storage::EntityDump { records })?;
+            let dump = crate::storage::EntityDump { records };
+            store.import_entity(&dump)?;
+            let (conversations, groups) = dump.marks();
+            {
+                let mut marks = me.arriving_marks.lock().unwrap_or_else(|p| p.into_inner());
+                marks.0.extend(conversations);
+                marks.1.extend(groups);
+            }
             if commit {
                 store.commit(n).await?;
-                me.resume_pending();
+                let (conversations, groups) = std::mem::take(
+                    &mut *me.arriving_marks.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                me.resume(conversations, groups);
             }
             Ok(PeerReply::Done)
         })
@@ -513,6 +564,16 @@ impl Router {
             tracing::error!(error = %e, "cannot list pending fan-outs");
             Vec::new()
         });
+        let groups = self.registry.pending_groups().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list pending groups");
+            Vec::new()
+        });
+        self.resume(fanouts, groups);
+    }
+
+    /// Wakes these conversations (to finish their fan-out) and groups (to announce
+    /// their change).
+    fn resume(&self, fanouts: Vec<ConversationId>, groups: Vec<GroupId>) {
         // Through `dispatch`, like any call: an entity that is moving is resumed where
         // it lives once it has arrived, never restarted at its old home.
         for id in fanouts {
@@ -523,10 +584,6 @@ impl Router {
                 }
             });
         }
-        let groups = self.registry.pending_groups().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot list pending groups");
-            Vec::new()
-        });
         for id in groups {
             let call = self.dispatch(PeerCall::Group(id, GroupRequest::Settle));
             actix::spawn(async move {
@@ -609,6 +666,7 @@ impl Router {
             }
         }
         let target = Ring::new(config.nodes.iter().map(|n| n.id.clone()), m.vnodes);
+        let back = m.committed.as_ref().is_some_and(|(_, r)| *r == target);
         if target == m.target {
             return Ok(format!(
                 "cluster.toml unchanged: serving ring version {}",
@@ -635,9 +693,32 @@ impl Router {
         }
         m.target = target;
         m.waiting = None;
+        // Links (and addresses) of nodes neither ring names any more go.
+        let keep: Vec<String> = m
+            .committed
+            .iter()
+            .flat_map(|(_, r)| r.nodes().to_vec())
+            .chain(m.target.nodes().to_vec())
+            .collect();
+        for node in self.peers.nodes() {
+            if !keep.contains(&node) {
+                self.peers.remove(&node);
+                m.peers.remove(&node);
+            }
+        }
+        m.addrs.retain(|node, _| keep.contains(node));
         let nodes = m.target.nodes().to_vec();
         drop(m);
         self.changed.notify_one();
+        if back {
+            tracing::info!(
+                ?nodes,
+                "cluster.toml reloaded: back to the ring this node serves"
+            );
+            return Ok(format!(
+                "cluster.toml reloaded: nodes {nodes:?}, the ring this node serves; nothing moves"
+            ));
+        }
         tracing::info!(
             ?nodes,
             "cluster.toml reloaded: moving to a new ring once every node agrees"
@@ -654,9 +735,16 @@ impl Router {
         let mut last_told = None;
         loop {
             let (state, step) = {
-                let m = self.membership();
+                let mut m = self.membership();
                 let state = m.state();
                 let step = decide(&self.node_id, &state, &m.peers);
+                // Taken with the decision, under one lock: a reload in between cannot
+                // change the ring this node hands off to.
+                if step == Step::Handoff && !m.handing_off {
+                    m.handing_off = true;
+                    let target = m.target.clone();
+                    actix::spawn(super::handoff::run(Arc::clone(&self), target));
+                }
                 (state, step)
             };
             // Every tick, and at once when our state changed.
@@ -679,15 +767,28 @@ impl Router {
 
     /// Takes one step; `true` if the state changed (so the loop goes round again now).
     async fn take_step(self: &Arc<Self>, step: Step) -> bool {
+        let step_kind = match step {
+            Step::Wait(_) => StepKind::Problem,
+            _ => StepKind::Other,
+        };
         match step {
             Step::Idle => {
                 self.membership().waiting = None;
                 false
             }
-            Step::Wait(why) => {
+            Step::Wait(why) | Step::Progress(why) => {
+                let problem = matches!(step_kind, StepKind::Problem);
                 let mut m = self.membership();
-                if m.waiting.as_deref() != Some(&why) {
-                    tracing::warn!(ring_version = m.version(), reason = %why, "keeping the current ring");
+                let mut said = self.last_said.lock().unwrap_or_else(|p| p.into_inner());
+                if m.waiting.as_deref() != Some(&why)
+                    || (problem && said.elapsed() >= WAIT_LOG_EVERY)
+                {
+                    if problem {
+                        tracing::warn!(ring_version = m.version(), reason = %why, "keeping the current ring");
+                    } else {
+                        tracing::info!(ring_version = m.version(), "ring change under way: {why}");
+                    }
+                    *said = std::time::Instant::now();
                     m.waiting = Some(why);
                 }
                 false
@@ -715,16 +816,8 @@ impl Router {
                 metrics().ring_version.set(version as i64);
                 true
             }
-            Step::Handoff => {
-                let mut m = self.membership();
-                if m.handing_off {
-                    return false;
-                }
-                m.handing_off = true;
-                drop(m);
-                actix::spawn(super::handoff::run(Arc::clone(self)));
-                true
-            }
+            // Started by the loop, with the decision.
+            Step::Handoff => false,
             Step::Commit { version } => {
                 self.commit(version).await;
                 true
@@ -770,6 +863,7 @@ impl Router {
             m.addrs.retain(|node, _| nodes.contains(node));
             m.handed_off = false;
             m.started = false;
+            self.registry.unfence();
             m.handing_off = false;
             m.phase = Phase::Idle;
             m.waiting = None;
@@ -801,10 +895,11 @@ impl Router {
         }
     }
 
-    /// This node is no longer in the ring: once the others have committed too (or
-    /// after a grace period), close every session here and stop serving.
+    /// This node is no longer in the ring: once the others have committed too (they
+    /// may need to hear that this node has handed off), close every session here and
+    /// stop serving.
     async fn leave(self: &Arc<Self>, version: u64) {
-        let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
+        let mut next_word = tokio::time::Instant::now() + LEAVE_GRACE;
         loop {
             let all = {
                 let m = self.membership();
@@ -818,8 +913,14 @@ impl Router {
             for node in self.peers.nodes() {
                 self.peers.cast(&node, PeerCast::Ring(state.clone()));
             }
-            if all || tokio::time::Instant::now() >= deadline {
+            if all {
                 break;
+            }
+            if tokio::time::Instant::now() >= next_word {
+                tracing::warn!(
+                    "left the ring; waiting for the other nodes to commit it before stopping"
+                );
+                next_word = tokio::time::Instant::now() + LEAVE_GRACE;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -839,20 +940,21 @@ impl Router {
     // ---- the handoff task's hooks (see `net/handoff.rs`) ----
 
     /// Holds every call for a leaving entity and records, durably, that the move to
-    /// the target has started; answers the target ring, once the calls already served
-    /// for leaving entities have finished.
-    pub(crate) async fn begin_handoff(&self) -> Ring {
-        let (target, version, committed) = {
+    /// `target` has started; returns once every call that started before has finished.
+    pub(crate) async fn begin_handoff(&self, target: &Ring) {
+        let (version, committed, before) = {
             let mut m = self.membership();
             if !matches!(m.phase, Phase::Moving(_)) {
                 m.phase = Phase::Draining;
             }
+            let before = (m.epoch % 2) as usize;
+            m.epoch += 1;
             let (version, committed) = m
                 .committed
                 .as_ref()
                 .map(|(v, r)| (*v, r.nodes().to_vec()))
                 .unwrap_or_default();
-            (m.target.clone(), version, committed)
+            (version, committed, before)
         };
         let moving_to = Some(target.nodes().to_vec());
         while let Err(e) = self
@@ -869,11 +971,16 @@ impl Router {
             tokio::time::sleep(MEMBERSHIP_TICK).await;
         }
         self.membership().started = true;
-        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
-        while self.membership().inflight > 0 && tokio::time::Instant::now() < deadline {
+        // Every call is bounded (timeouts), so this ends.
+        let started = tokio::time::Instant::now();
+        let mut warned = false;
+        while self.membership().inflight[before] > 0 {
+            if !warned && started.elapsed() > CALL_TIMEOUT * 4 {
+                warned = true;
+                tracing::warn!("handoff still waiting for calls that started before it");
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        target
     }
 
     /// The leaving entities stored here are `left`: calls for any other leaving

@@ -39,6 +39,8 @@ struct Inner {
     groups_pending: Tree,
     meta: Tree,
     media_dir: std::path::PathBuf,
+    /// See `lock_media`.
+    media_lock: tokio::sync::Mutex<()>,
     committer: Committer,
 }
 
@@ -66,6 +68,7 @@ impl Store {
                 groups_pending: db.open_tree("groups_pending")?,
                 meta: db.open_tree("meta")?,
                 media_dir,
+                media_lock: tokio::sync::Mutex::new(()),
                 committer,
             }),
         })
@@ -723,6 +726,24 @@ impl EntityKey {
 }
 
 impl EntityDump {
+    /// The conversations with a fan-out to finish and the groups with a change to
+    /// announce among these records (their marks), to resume where they arrive.
+    pub fn marks(&self) -> (Vec<ConversationId>, Vec<GroupId>) {
+        let id = |k: &[u8]| -> Option<uuid::Uuid> {
+            Some(uuid::Uuid::from_bytes(k.get(..16)?.try_into().ok()?))
+        };
+        let mut conversations = Vec::new();
+        let mut groups = Vec::new();
+        for (tree, k, _) in &self.records {
+            match tree.as_str() {
+                "fanout" => conversations.extend(id(k).map(ConversationId)),
+                "groups_pending" => groups.extend(id(k).map(GroupId)),
+                _ => {}
+            }
+        }
+        (conversations, groups)
+    }
+
     /// Bytes of keys and values, to size the messages a handoff sends.
     pub fn bytes(&self) -> usize {
         self.records
@@ -776,9 +797,15 @@ impl Store {
         self.media_writer().await
     }
 
-    /// Deletes media files no media record here names any more (their records moved
-    /// to another node). Returns how many went.
-    pub fn sweep_media_files(&self) -> Result<usize> {
+    /// Serialises the steps that decide whether a media file is needed: an upload
+    /// (its file, then its record) and the removal of files whose media moved away.
+    pub async fn lock_media(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.media_lock.lock().await
+    }
+
+    /// Deletes those of `files` (hashes) that no media record here names; how many
+    /// went. Call with `lock_media` held.
+    pub fn remove_media_files(&self, files: &[String]) -> Result<usize> {
         let mut named = std::collections::HashSet::new();
         for item in self.inner.media.iter() {
             let (k, v) = item?;
@@ -789,10 +816,9 @@ impl Store {
             }
         }
         let mut removed = 0;
-        for entry in std::fs::read_dir(&self.inner.media_dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if valid_sha(&name) && !named.contains(&name) {
-                std::fs::remove_file(entry.path())?;
+        for sha in files {
+            if valid_sha(sha) && !named.contains(sha) && self.media_path(sha).is_file() {
+                std::fs::remove_file(self.media_path(sha))?;
                 removed += 1;
             }
         }
@@ -1108,6 +1134,11 @@ mod tests {
         assert_eq!(to.pending_fanouts().unwrap(), vec![cid]);
         assert_eq!(to.last_seq(other).unwrap(), 0, "only that entity moved");
         assert_eq!(to.entities().unwrap(), vec![entity.clone()]);
+        assert_eq!(
+            dump.marks(),
+            (vec![cid], vec![]),
+            "its fan-out mark travels"
+        );
         from.delete_entity(&entity).unwrap();
         assert_eq!(
             from.entities().unwrap(),
@@ -1123,7 +1154,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entities_are_listed_once_and_unnamed_media_files_swept() {
+    async fn entities_are_listed_once_and_only_unnamed_media_files_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let alice = UserId::random();
@@ -1155,7 +1186,8 @@ mod tests {
             "one entry per entity, however many records it has"
         );
         assert_eq!(listed[1].ring_key(), format!("media:{media}"));
-        assert_eq!(store.sweep_media_files().unwrap(), 1);
+        let files = [kept_sha.clone(), orphan_sha.clone()];
+        assert_eq!(store.remove_media_files(&files).unwrap(), 1);
         assert!(store.has_media_file(&kept_sha));
         assert!(!store.has_media_file(&orphan_sha));
         assert!(!store.has_media_file("../db"));

@@ -266,6 +266,19 @@ impl Node {
         self.dir.path()
     }
 
+    /// Puts this node's entry back into the shared cluster file (same addresses, same
+    /// data dir) and starts it again, without waiting for it to serve.
+    pub fn rejoin(&mut self) {
+        let data_dir = serde_json::to_string(&self.data_dir().to_string_lossy()).expect("path");
+        let mut cfg = std::fs::read_to_string(&self.config_path).expect("read cluster.toml");
+        cfg.push_str(&format!(
+            "\n[[node]]\nid = \"{}\"\nclient_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\ndata_dir = {data_dir}\n",
+            self.id, self.port, self.peer_port
+        ));
+        std::fs::write(&self.config_path, cfg).expect("write cluster.toml");
+        self.spawn();
+    }
+
     /// Rewrites the shared cluster file without node `id`'s entry.
     pub fn drop_from_config(&self, id: &str) {
         let cfg = std::fs::read_to_string(&self.config_path).expect("read cluster.toml");
