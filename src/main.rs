@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use switchboard::config::ClusterConfig;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "switchboard",
@@ -28,6 +30,14 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Load tool: drives a running node or cluster through the client contract and
+    /// measures delivery end to end (see docs/BENCHMARKS.md).
+    Bench {
+        #[command(flatten)]
+        common: bench::Common,
+        #[command(subcommand)]
+        workload: bench::Workload,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +54,13 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve { config, node } => serve(config, node),
+        Command::Bench { common, workload } => match bench::run(common, workload) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

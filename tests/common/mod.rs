@@ -261,6 +261,11 @@ impl Node {
         node
     }
 
+    /// The node process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// The temp dir this node (and its cluster) lives in.
     pub fn dir_path(&self) -> &std::path::Path {
         self.dir.path()
