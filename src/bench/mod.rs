@@ -50,19 +50,23 @@ pub struct Common {
     pub quiet: bool,
 }
 
+/// Users in pairs, each sender keeping `window` messages in flight.
+#[derive(Args, Debug, Clone)]
+pub struct Pairs {
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Workload {
     /// N users in pairs; each sender keeps W messages in flight.
-    Throughput {
-        #[arg(long, default_value_t = 200)]
-        users: usize,
-        #[arg(long, default_value_t = 16)]
-        window: usize,
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        #[arg(long, default_value_t = 3)]
-        warmup: u64,
-    },
+    Throughput(Pairs),
     /// A fixed total rate, open loop, over N users in pairs.
     Latency {
         #[arg(long, default_value_t = 200)]
@@ -109,14 +113,5 @@ pub enum Workload {
     },
     /// `throughput` with every sender connected to the first `--addr` and every
     /// recipient to the second.
-    Cluster {
-        #[arg(long, default_value_t = 200)]
-        users: usize,
-        #[arg(long, default_value_t = 16)]
-        window: usize,
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-        #[arg(long, default_value_t = 3)]
-        warmup: u64,
-    },
+    Cluster(Pairs),
 }

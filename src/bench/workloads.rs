@@ -24,42 +24,25 @@ pub fn run(common: Common, workload: Workload) -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         match workload {
-            Workload::Throughput {
-                users,
-                window,
-                seconds,
-                warmup,
-            } => {
+            Workload::Throughput(p) => {
+                let pace = Pace::Window(p.window);
                 pairs(
                     &common,
                     "throughput",
-                    users,
-                    Pace::Window(window),
-                    seconds,
-                    warmup,
+                    p.users,
+                    pace,
+                    p.seconds,
+                    p.warmup,
                     false,
                 )
                 .await
             }
-            Workload::Cluster {
-                users,
-                window,
-                seconds,
-                warmup,
-            } => {
+            Workload::Cluster(p) => {
                 if common.addr.len() < 2 {
                     bail!("cluster needs two addresses: --addr SENDERS_NODE,RECIPIENTS_NODE");
                 }
-                pairs(
-                    &common,
-                    "cluster",
-                    users,
-                    Pace::Window(window),
-                    seconds,
-                    warmup,
-                    true,
-                )
-                .await
+                let pace = Pace::Window(p.window);
+                pairs(&common, "cluster", p.users, pace, p.seconds, p.warmup, true).await
             }
             Workload::Latency {
                 users,
