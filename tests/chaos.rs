@@ -1,7 +1,7 @@
 //! The chaos test: a three-node cluster with `[chaos] enabled`, users on several devices
 //! connected to different nodes sending 1:1 and group messages, while actors are
 //! killed many times a second, links are partitioned and whole nodes are killed -9 and
-//! restarted. Then the faults stop, the system settles, and the invariants are checked:
+//! restarted, and disks fail for a moment. Then the faults stop, the system settles, and the invariants are checked:
 //!
 //! - every acked message is in its conversation's history once, at its seq, with no
 //!   gap, and no message (acked or not) is stored twice;
@@ -56,6 +56,7 @@ struct Tally {
     kills: AtomicU64,
     kills_refused: AtomicU64,
     partitions: AtomicU64,
+    disk_faults: AtomicU64,
     node_restarts: AtomicU64,
     reconnects: AtomicU64,
     retries: AtomicU64,
@@ -272,6 +273,7 @@ async fn faults(
 ) -> Vec<Node> {
     let mut next_partition = Instant::now() + Duration::from_secs(2);
     let mut next_restart = Instant::now() + Duration::from_secs(8);
+    let mut next_disk_fault = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         let node = rng.below(nodes.len());
         let target = if rng.below(2) == 0 {
@@ -305,6 +307,20 @@ async fn faults(
                 tally.partitions.fetch_add(1, Ordering::Relaxed);
             }
             next_partition = Instant::now() + Duration::from_millis(2000 + rng.below(2000) as u64);
+        }
+        if Instant::now() >= next_disk_fault {
+            let victim = rng.below(nodes.len());
+            let ms = 200 + rng.below(400);
+            let r = admin_post(
+                &nodes[victim],
+                "/admin/chaos/storage",
+                &json!({"fail_for_ms": ms}),
+            )
+            .await;
+            if r.status == 200 {
+                tally.disk_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            next_disk_fault = Instant::now() + Duration::from_millis(5000 + rng.below(5000) as u64);
         }
         if Instant::now() >= next_restart {
             let victim = rng.below(nodes.len());
@@ -449,6 +465,39 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
         convs.sort();
         convs
     };
+    // Devices first (before anything reads a conversation, which would wake it): each
+    // must get every acked message of its conversations by itself.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let behind: Vec<String> = devices
+            .iter()
+            .filter_map(|(u, d)| {
+                let d = d.lock().unwrap();
+                let have: std::collections::HashSet<(&str, u64)> =
+                    d.got.iter().map(|(_, c, s, _)| (c.as_str(), *s)).collect();
+                let missing = member_of(*u)
+                    .iter()
+                    .flat_map(|c| by_conv[c].iter())
+                    .filter(|a| !have.contains(&(a.conversation.as_str(), a.seq)))
+                    .count();
+                (missing > 0).then(|| format!("{} missing {missing}", users[*u].handle))
+            })
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            violation(
+                &violations,
+                format!(
+                    "devices never got every acked message: {}",
+                    behind.join(", ")
+                ),
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let mut histories: HashMap<String, Vec<(u64, String)>> = HashMap::new();
     for conv in by_conv.keys() {
         let reader = (0..USERS)
@@ -578,6 +627,9 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
             *e = (*e).max(*v);
         }
     }
+    if seen_max.is_empty() {
+        violation(&violations, "no device saw any receipt".into());
+    }
     for conv in by_conv.keys() {
         let reader = (0..USERS)
             .find(|u| member_of(*u).contains(conv))
@@ -637,6 +689,7 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
         "actor_kills": t.kills.load(Ordering::Relaxed),
         "kills_refused": t.kills_refused.load(Ordering::Relaxed),
         "partitions": t.partitions.load(Ordering::Relaxed),
+        "disk_faults": t.disk_faults.load(Ordering::Relaxed),
         "node_restarts": t.node_restarts.load(Ordering::Relaxed),
         "device_connections": t.reconnects.load(Ordering::Relaxed),
         "send_retries": t.retries.load(Ordering::Relaxed),

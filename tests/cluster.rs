@@ -711,3 +711,40 @@ async fn registrations_refused_while_a_node_is_down_can_be_retried() {
         assert_eq!(l.status, 200, "login as {handle}: {}", l.text);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reaches_a_watcher_connected_to_another_node() {
+    let nodes = Node::start_cluster(3, "").await;
+    let r = ring(3);
+    let a = nodes[0].user("wa").await;
+    let b = nodes[1].user("wb").await;
+    // a watches b from a node that is not b's home (the events cross a link).
+    let b_home = idx(&home(&r, "user", &b.id));
+    let watch_from = (b_home + 1) % 3;
+    let mut aw = nodes[watch_from].ws(&a.token).await;
+    aw.sync(0).await;
+    aw.send_to_user(&b.id, "hi").await;
+    aw.send_json(&json!({"type": "subscribe_presence", "user_ids": [b.id]}))
+        .await;
+    let first = aw
+        .recv_where("presence of b", |v| {
+            v["type"] == "presence" && v["user_id"] == b.id.as_str()
+        })
+        .await;
+    assert_eq!(first["online"], false, "{first}");
+    let mut bw = nodes[(b_home + 2) % 3].ws(&b.token).await;
+    bw.sync(0).await;
+    let online = aw
+        .recv_where("b online", |v| {
+            v["type"] == "presence" && v["online"] == true
+        })
+        .await;
+    assert_eq!(online["user_id"], b.id.as_str());
+    bw.close().await;
+    let offline = aw
+        .recv_where("b offline", |v| {
+            v["type"] == "presence" && v["online"] == false
+        })
+        .await;
+    assert!(offline["last_seen"].is_u64(), "{offline}");
+}

@@ -483,26 +483,32 @@ async fn a_handoff_survives_a_frozen_new_node_and_a_killed_old_one() {
     let mut nodes = Node::start_cluster(3, "").await;
     let mut load = Workload::start(&nodes).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    // n4 joins and is then frozen: the others agree (on what it last said) and start
+    // n4 joins; n2 and n3 take the new file, and every node hears n4; then n4 freezes
+    // and n1 takes the file last: all three agree (on what n4 last said) and start
     // handing off to it, and every batch to it fails.
     let mut n4 = nodes[0].join("n4");
-    let r = nodes[0].reload().await;
-    assert_eq!(r.status, 200, "reload: {}", r.text);
-    n4.wait_serving().await;
-    // (Ring states go out every half second: let n1 hear n4's before it freezes.)
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    n4.signal(libc::SIGSTOP);
     nodes[1].signal(libc::SIGHUP);
     nodes[2].signal(libc::SIGHUP);
-    // n1 is killed in the middle of its handoff, and restarted.
+    n4.wait_serving().await;
+    // (Ring states go out every half second: let every node hear n4's.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    n4.signal(libc::SIGSTOP);
+    let r = nodes[0].reload().await;
+    assert_eq!(r.status, 200, "reload: {}", r.text);
+    // A node with something to move to n4 (which one depends on the random ids) is
+    // killed in the middle of its handoff, and restarted.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !nodes[0].log_tail(400).contains("handoff batch failed") {
-        assert!(Instant::now() < deadline, "n1 never tried to hand off");
+    let victim = loop {
+        let failing = (0..3).find(|i| nodes[*i].log_tail(400).contains("handoff batch failed"));
+        if let Some(i) = failing {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no node tried to hand off to n4");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    nodes[0].kill9();
+    };
+    nodes[victim].kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nodes[0].restart().await;
+    nodes[victim].restart().await;
     n4.signal(libc::SIGCONT);
     nodes.push(n4);
     for n in &nodes {

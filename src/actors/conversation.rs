@@ -813,8 +813,13 @@ impl Actor for ConversationActor {
         // What we loaded may be in sled's memory but not yet on disk: serve nothing
         // until a flush covers it (see `Registry::wait_durable`).
         let registry = Arc::clone(&self.registry);
-        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
-        self.pump(ctx);
+        // Fan-out starts only then: a message in sled's memory but not on disk must not
+        // reach an inbox (a crash would give its seq to another message).
+        registry.wait_durable(
+            ctx,
+            |act: &mut Self, e| act.load_error = Some(e),
+            |act, ctx| act.pump(ctx),
+        );
         ctx.run_interval(TICK, |act, ctx| {
             act.pump(ctx);
             let busy = act.members.values().any(|m| m.in_flight) || !act.fanout_complete();

@@ -398,7 +398,7 @@ impl Actor for GroupActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics().actors.with_label_values(&["group"]).inc();
         let registry = Arc::clone(&self.registry);
-        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
+        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e), |_, _| {});
         // A change the conversation never confirmed (a crash, a node down) goes out as
         // soon as it can; changes in between settle it first too.
         ctx.run_interval(SETTLE_RETRY, |act, ctx| {

@@ -50,15 +50,24 @@ type Fence = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 /// How an entity's actor has been dying lately.
 #[derive(Debug, Clone, Copy)]
 struct Deaths {
-    /// Deaths in a row, each within [`CRASH_WINDOW`] of the one before.
+    /// Deaths in a row, each within [`CRASH_WINDOW`] of the one before and none after
+    /// the actor had run [`HEALTHY_AFTER`].
     count: u32,
     last: Instant,
+    /// When its current actor was started, if after a death.
+    started: Option<Instant>,
     /// No restart before this (a crash loop's backoff).
     not_before: Instant,
+    /// The entity has work of its own to resume (a fan-out, a membership change) and
+    /// nobody may call it: the node wakes it once the backoff allows (`due_revivals`).
+    revive: bool,
 }
 
-/// Deaths further apart than this are not a loop.
-const CRASH_WINDOW: Duration = Duration::from_secs(30);
+/// Deaths further apart than this are not a loop (longer than the longest backoff, so
+/// an actor dying on every start stays at the longest).
+const CRASH_WINDOW: Duration = Duration::from_secs(90);
+/// An actor that ran this long before dying was healthy: its count starts again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Deaths in a row restarted at once; past this, restarts back off.
 const FREE_RESTARTS: u32 = 3;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -189,7 +198,31 @@ impl Registry {
         }
         let addr = start();
         map.insert(id, addr.clone());
+        if let Some(d) = self
+            .deaths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&entity)
+        {
+            d.started = Some(now);
+        }
         Ok(addr)
+    }
+
+    /// Entities that died with work of their own (conversations, groups) and may start
+    /// again now: the node calls them so they resume it (a killed conversation with a
+    /// fan-out in flight would otherwise wait for the next call to it).
+    pub fn due_revivals(&self) -> Vec<Entity> {
+        let now = Instant::now();
+        let mut deaths = self.deaths.lock().unwrap_or_else(|p| p.into_inner());
+        deaths
+            .iter_mut()
+            .filter(|(_, d)| d.revive && now >= d.not_before)
+            .map(|(e, d)| {
+                d.revive = false;
+                *e
+            })
+            .collect()
     }
 
     /// Records that `entity`'s actor died, and decides when it may start again.
@@ -203,13 +236,20 @@ impl Registry {
         let d = deaths.entry(entity).or_insert(Deaths {
             count: 0,
             last: now,
+            started: None,
             not_before: now,
+            revive: false,
         });
-        if now.duration_since(d.last) > CRASH_WINDOW {
+        let healthy = d
+            .started
+            .is_some_and(|s| now.duration_since(s) >= HEALTHY_AFTER);
+        if healthy || now.duration_since(d.last) > CRASH_WINDOW {
             d.count = 0;
         }
         d.count += 1;
         d.last = now;
+        d.started = None;
+        d.revive = !matches!(entity, Entity::User(_));
         if d.count <= FREE_RESTARTS {
             tracing::warn!(%entity, "entity actor died; restarting it from storage");
             return;
@@ -221,15 +261,24 @@ impl Registry {
         tracing::error!(%entity, deaths = d.count, delay_ms = delay.as_millis() as u64, "entity actor keeps dying; restarting it after a delay");
     }
 
-    /// Stops `entity`'s actor abruptly, as a panic would (chaos testing); started first
-    /// if it is not running, so the kill is always real.
-    pub fn kill(self: &Arc<Self>, entity: Entity) -> Result<(), ActorError> {
-        match entity {
-            Entity::User(id) => self.user(id)?.do_send(Kill),
-            Entity::Conversation(id) => self.conversation(id)?.do_send(Kill),
-            Entity::Group(id) => self.group(id)?.do_send(Kill),
+    /// Stops `entity`'s actor abruptly, as a panic would (chaos testing). An actor that
+    /// is not running is left as it is: there is nothing to stop (and a kill must not
+    /// count as a crash of an actor nobody was using).
+    pub fn kill(&self, entity: Entity) {
+        fn stop<K: Eq + Hash, A>(map: &Mutex<HashMap<K, Addr<A>>>, id: &K)
+        where
+            A: Actor<Context = actix::Context<A>> + actix::Handler<Kill>,
+        {
+            let map = map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(addr) = map.get(id).filter(|a| a.connected()) {
+                addr.do_send(Kill);
+            }
         }
-        Ok(())
+        match entity {
+            Entity::User(id) => stop(&self.users, &id),
+            Entity::Conversation(id) => stop(&self.conversations, &id),
+            Entity::Group(id) => stop(&self.groups, &id),
+        }
     }
 
     /// A running entity actor picked at random, if any runs here.
@@ -285,11 +334,13 @@ impl Registry {
     /// Makes a starting actor wait (mailbox held) for a flush, so that what it loaded
     /// is durable before it serves anything: sled may hold writes in memory that a
     /// failed or killed predecessor never flushed. If the flush fails, `failed`
-    /// records the error and the actor stops.
+    /// records the error and the actor stops; once it succeeds, `ready` runs (work the
+    /// actor starts on its own, such as fan-out, must wait for it too).
     pub(crate) fn wait_durable<A>(
         &self,
         ctx: &mut actix::Context<A>,
         failed: fn(&mut A, ActorError),
+        ready: fn(&mut A, &mut actix::Context<A>),
     ) where
         A: Actor<Context = actix::Context<A>>,
     {
@@ -297,8 +348,9 @@ impl Registry {
         let store = self.store.clone();
         ctx.wait(
             actix::fut::wrap_future::<_, A>(async move { store.commit(0).await }).map(
-                move |res, act, ctx| {
-                    if let Err(e) = res {
+                move |res, act, ctx| match res {
+                    Ok(()) => ready(act, ctx),
+                    Err(e) => {
                         tracing::error!(error = %e, "flush failed while starting an entity actor");
                         failed(act, e.into());
                         ctx.stop();

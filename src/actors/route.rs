@@ -50,6 +50,10 @@ pub trait Route: Send + Sync + 'static {
     /// delivers it: if the session turns out to be gone on another node, that actor is
     /// told (`Detach`) later.
     fn deliver(&self, from: UserId, session: &SessionRef, event: SessionEvent) -> Delivery;
+    /// Pushes an event to a session of *another* user that watches the caller's
+    /// presence (so the session is not checked to be the caller's). `Gone` only when
+    /// known at once (a session of this node).
+    fn deliver_to_watcher(&self, session: &SessionRef, event: SessionEvent) -> Delivery;
     /// Queues a push notification for an offline user, without waiting; a no-op when
     /// no webhook is configured.
     fn push(&self, notice: OfflineNotice);

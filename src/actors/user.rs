@@ -291,20 +291,21 @@ impl UserActor {
 
     /// Drops the sessions (own and watching) that `gone` picks; the user goes offline
     /// if that was its last.
-    /// Closes (1012) every live session of this user, wherever it is.
+    /// Closes (1012) every live session of this user, and every session watching its
+    /// presence, wherever they are.
     fn close_sessions(&mut self, reason: &str) {
         let Some(route) = self.registry.route() else {
             return;
         };
+        let close = SessionEvent::Close {
+            code: 1012,
+            reason: reason.to_string(),
+        };
         for s in self.sessions.drain(..) {
-            route.deliver(
-                self.id,
-                &s.session,
-                SessionEvent::Close {
-                    code: 1012,
-                    reason: reason.to_string(),
-                },
-            );
+            route.deliver(self.id, &s.session, close.clone());
+        }
+        for w in self.watchers.drain(..) {
+            route.deliver_to_watcher(&w, close.clone());
         }
     }
 
@@ -339,9 +340,8 @@ impl UserActor {
             online: p.online,
             last_seen: p.last_seen,
         };
-        let id = self.id;
         self.watchers
-            .retain(|w| route.deliver(id, w, event.clone()) != Delivery::Gone);
+            .retain(|w| route.deliver_to_watcher(w, event.clone()) != Delivery::Gone);
     }
 
     fn watch_presence(&mut self, session: SessionRef) -> Result<UserReply, ActorError> {
@@ -690,7 +690,7 @@ impl Actor for UserActor {
         // What we loaded may be in sled's memory but not yet on disk: serve nothing
         // until a flush covers it (see `Registry::wait_durable`).
         let registry = Arc::clone(&self.registry);
-        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e));
+        registry.wait_durable(ctx, |act: &mut Self, e| act.load_error = Some(e), |_, _| {});
         ctx.run_interval(IDLE_CHECK, |act, ctx| {
             if act.sessions.is_empty()
                 && act.watchers.is_empty()
@@ -704,12 +704,12 @@ impl Actor for UserActor {
 
     fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
         self.registry.forget_user(self.id, &ctx.address());
-        // A crash (actix runs this while the panic unwinds) loses the live sessions the
-        // actor held: close them, so their clients reconnect, attach to the fresh
-        // actor and sync, rather than sit on a connection nothing is pushed to.
-        if std::thread::panicking() {
-            self.close_sessions("the server restarted this user's state: reconnect and sync");
-        }
+        // An actor that stops with sessions (a crash: actix runs this while the panic
+        // unwinds; a failed flush; a handoff) loses them and its presence watchers:
+        // close them all, so their clients reconnect, attach to the fresh actor, sync
+        // and subscribe again, rather than sit on a connection nothing is pushed to.
+        // (An idle stop has neither.)
+        self.close_sessions("the server restarted this user's state: reconnect and sync");
         Running::Stop
     }
 

@@ -189,6 +189,11 @@ fn chaos_admin(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     admin(state, req)
 }
 
+/// A chaos call's JSON body.
+fn chaos_body<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KillBody {
@@ -200,9 +205,11 @@ struct KillBody {
 async fn chaos_kill(
     state: web::Data<AppState>,
     req: HttpRequest,
-    Json(body): Json<KillBody>,
+    raw: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // The gate first: without chaos testing these calls do not exist, whatever the body.
     chaos_admin(&state, &req)?;
+    let body: KillBody = chaos_body(&raw)?;
     let entity = if body.target == "random" {
         state.router.registry().random_running().ok_or_else(|| {
             ApiError::new(404, "not_found", "no entity actor is running on this node")
@@ -233,9 +240,11 @@ const MAX_CHAOS_MS: u64 = 600_000;
 async fn chaos_partition(
     state: web::Data<AppState>,
     req: HttpRequest,
-    Json(body): Json<PartitionBody>,
+    raw: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // The gate first: without chaos testing these calls do not exist, whatever the body.
     chaos_admin(&state, &req)?;
+    let body: PartitionBody = chaos_body(&raw)?;
     if body.for_ms == 0 || body.for_ms > MAX_CHAOS_MS {
         return Err(ApiError::bad_request(format!(
             "for_ms must be 1..={MAX_CHAOS_MS}"
@@ -264,9 +273,11 @@ struct StorageFaultBody {
 async fn chaos_storage(
     state: web::Data<AppState>,
     req: HttpRequest,
-    Json(body): Json<StorageFaultBody>,
+    raw: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // The gate first: without chaos testing these calls do not exist, whatever the body.
     chaos_admin(&state, &req)?;
+    let body: StorageFaultBody = chaos_body(&raw)?;
     if body.fail_for_ms == 0 || body.fail_for_ms > MAX_CHAOS_MS {
         return Err(ApiError::bad_request(format!(
             "fail_for_ms must be 1..={MAX_CHAOS_MS}"

@@ -120,6 +120,23 @@ pub async fn serve(
     // groups with a membership change not yet announced retry it.
     router.resume_pending();
     reload_on_sighup(Arc::clone(&router), config_path.clone())?;
+    // Conversations and groups that died with work of their own (a fan-out, an
+    // announcement) are woken once their restart is allowed, even if nobody calls them.
+    let reviver = Arc::clone(&router);
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            for entity in reviver.registry().due_revivals() {
+                let call = reviver.revive(entity);
+                actix::spawn(async move {
+                    if let Err(e) = call.await {
+                        tracing::debug!(%entity, error = %e, "revival failed; the next call retries");
+                    }
+                });
+            }
+        }
+    });
 
     // Sessions frozen by a client that stopped reading cannot run their own heartbeat:
     // sweep them here, so their users go offline on time.

@@ -148,6 +148,9 @@ pub enum PeerCast {
     },
     /// A best-effort event for the live sessions of a user homed on the receiving node.
     Notify { user: UserId, event: SessionEvent },
+    /// An event for a session on the receiving node that watches a user's presence
+    /// (any user's session: a watcher is someone else).
+    Watched { session: u64, event: SessionEvent },
     /// The sender's ring state, every second and on every change.
     Ring(super::membership::RingState),
 }

@@ -62,6 +62,8 @@ const LEAVE_GRACE: Duration = Duration::from_secs(10);
 pub struct Router {
     this: std::sync::Weak<Router>,
     node_id: String,
+    /// `[chaos] enabled`: chaos kills are obeyed.
+    chaos: bool,
     membership: Arc<Mutex<Membership>>,
     /// Wakes the membership loop (a peer's state or our own changed).
     changed: tokio::sync::Notify,
@@ -183,6 +185,7 @@ impl Router {
         Arc::new_cyclic(|this| Router {
             this: this.clone(),
             node_id,
+            chaos: config.chaos.enabled,
             membership: Arc::new(Mutex::new(membership)),
             changed: tokio::sync::Notify::new(),
             peer_owned: Default::default(),
@@ -482,7 +485,15 @@ impl Router {
                 Box::pin(async move { registry.entity_count().await.map(PeerReply::Count) })
             }
             PeerCall::Kill(entity) => {
-                let killed = registry.kill(entity).map(|()| PeerReply::Done);
+                // Only where chaos testing is on, whoever asks.
+                let killed = if self.chaos {
+                    registry.kill(entity);
+                    Ok(PeerReply::Done)
+                } else {
+                    Err(ActorError::Internal(
+                        "chaos testing is off on the entity's home node".into(),
+                    ))
+                };
                 Box::pin(async move { killed })
             }
             PeerCall::Import {
@@ -1019,6 +1030,22 @@ impl Router {
         Ok(())
     }
 
+    /// Wakes an entity whose actor died, so it resumes its own work: a conversation its
+    /// fan-out, a group its pending announcement.
+    pub(crate) fn revive(&self, entity: Entity) -> Call<()> {
+        match entity {
+            Entity::Conversation(id) => narrow(
+                self.dispatch(PeerCall::Conversation(id, ConversationRequest::Resume)),
+                |_| Some(()),
+            ),
+            Entity::Group(id) => narrow(
+                self.dispatch(PeerCall::Group(id, GroupRequest::Settle)),
+                |_| Some(()),
+            ),
+            Entity::User(_) => Box::pin(async { Ok(()) }),
+        }
+    }
+
     /// Chaos testing: stops `entity`'s actor abruptly, at its home.
     pub fn kill(&self, entity: Entity) -> Call<()> {
         narrow(self.dispatch(PeerCall::Kill(entity)), done)
@@ -1197,6 +1224,21 @@ impl Route for Router {
         narrow(self.dispatch(PeerCall::ResolveHandle(handle)), owner)
     }
 
+    fn deliver_to_watcher(&self, session: &SessionRef, event: SessionEvent) -> Delivery {
+        if session.node == self.node_id {
+            return self.sessions.deliver(session.id, event);
+        }
+        let cast = PeerCast::Watched {
+            session: session.id,
+            event,
+        };
+        if self.peers.cast(&session.node, cast) {
+            Delivery::Delivered
+        } else {
+            Delivery::Gone
+        }
+    }
+
     fn push(&self, notice: OfflineNotice) {
         if let Some(p) = &self.pusher {
             p.offer(notice);
@@ -1258,6 +1300,9 @@ impl PeerHandler for Router {
                 if matches!(self.home(&user.ring_key()), Ok(Home::Here)) {
                     self.notify(user, event);
                 }
+            }
+            PeerCast::Watched { session, event } => {
+                self.sessions.deliver(session, event);
             }
             PeerCast::Ring(state) => {
                 let changed = {
