@@ -1046,6 +1046,24 @@ impl Router {
         }
     }
 
+    /// Pushes `event` to a session: here directly, elsewhere as the cast `wrap` makes.
+    fn deliver_with(
+        &self,
+        session: &SessionRef,
+        event: SessionEvent,
+        wrap: impl FnOnce(u64, SessionEvent) -> PeerCast,
+    ) -> Delivery {
+        if session.node == self.node_id {
+            return self.sessions.deliver(session.id, event);
+        }
+        if self.peers.cast(&session.node, wrap(session.id, event)) {
+            Delivery::Delivered
+        } else {
+            // Link down (its sessions are being closed) or hopelessly backed up.
+            Delivery::Gone
+        }
+    }
+
     /// Chaos testing: stops `entity`'s actor abruptly, at its home.
     pub fn kill(&self, entity: Entity) -> Call<()> {
         narrow(self.dispatch(PeerCall::Kill(entity)), done)
@@ -1225,18 +1243,10 @@ impl Route for Router {
     }
 
     fn deliver_to_watcher(&self, session: &SessionRef, event: SessionEvent) -> Delivery {
-        if session.node == self.node_id {
-            return self.sessions.deliver(session.id, event);
-        }
-        let cast = PeerCast::Watched {
-            session: session.id,
+        self.deliver_with(session, event, |session, event| PeerCast::Watched {
+            session,
             event,
-        };
-        if self.peers.cast(&session.node, cast) {
-            Delivery::Delivered
-        } else {
-            Delivery::Gone
-        }
+        })
     }
 
     fn push(&self, notice: OfflineNotice) {
@@ -1246,20 +1256,11 @@ impl Route for Router {
     }
 
     fn deliver(&self, from: UserId, session: &SessionRef, event: SessionEvent) -> Delivery {
-        if session.node == self.node_id {
-            return self.sessions.deliver(session.id, event);
-        }
-        let cast = PeerCast::Deliver {
+        self.deliver_with(session, event, |session, event| PeerCast::Deliver {
             user: from,
-            session: session.id,
+            session,
             event,
-        };
-        if self.peers.cast(&session.node, cast) {
-            Delivery::Delivered
-        } else {
-            // Link down (its sessions are being closed) or hopelessly backed up.
-            Delivery::Gone
-        }
+        })
     }
 }
 
