@@ -66,8 +66,10 @@ struct Deaths {
 /// Deaths further apart than this are not a loop (longer than the longest backoff, so
 /// an actor dying on every start stays at the longest).
 const CRASH_WINDOW: Duration = Duration::from_secs(90);
-/// An actor that ran this long before dying was healthy: its count starts again.
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// An actor that served this long before dying was healthy, not looping: its count
+/// starts again. (A crash loop dies as it starts, on its first call; an actor killed
+/// after it has served, however often, is restarted at once.)
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 /// Deaths in a row restarted at once; past this, restarts back off.
 const FREE_RESTARTS: u32 = 3;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
