@@ -203,10 +203,11 @@ async fn a_failing_disk_fails_sends_without_an_ack_and_nothing_is_lost() {
     assert!(metric(&node, "switchboard_flush_errors_total").await >= 1.0);
     // The disk recovers: the retry gets its ack, and the message is stored once.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let mut aw = match aw.closed {
-        true => node.ws(&a.token).await,
-        false => aw,
-    };
+    // (A fresh connection: the old one may be closing, its user's actor having stopped
+    // on the failed flush.)
+    drop(aw);
+    let mut aw = node.ws(&a.token).await;
+    aw.sync(0).await;
     aw.send_json(&json!({"type":"send","client_msg_id":cmid,"to_user":b.id,"body":"two"}))
         .await;
     let ack = aw.ack_for(&cmid).await;
