@@ -398,14 +398,21 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
     let t0 = Instant::now();
     let gate = Arc::new(tokio::sync::Semaphore::new(50));
+    let connected = Arc::new(AtomicU64::new(0));
     let mut devices = Vec::new();
     for (i, u) in all.iter().enumerate() {
         let addr = common.addr[i % common.addr.len()].clone();
-        let (token, seen, gate) = (u.token.clone(), seen_tx.clone(), Arc::clone(&gate));
+        let (token, seen, gate, connected) = (
+            u.token.clone(),
+            seen_tx.clone(),
+            Arc::clone(&gate),
+            Arc::clone(&connected),
+        );
         devices.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await?;
             let (tx, mut rx) = client::connect(&addr, &token).await?;
             drop(permit);
+            connected.fetch_add(1, Ordering::Relaxed);
             while let Ok(Some(frame)) = next_json(&mut rx).await {
                 if frame["type"] == "message" {
                     if let Some(scheduled) = scheduled_of(&frame) {
@@ -420,23 +427,19 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    // Wait for every device to be connected: a probe message reaches all of them.
-    let (mut tx, mut rx) = client::connect(&common.addr[0], &all[0].token).await?;
-    let probe = json!({"conversation_id": conversation});
-    tx.send(send_frame(&probe, 0, common.body)).await?;
-    let mut got_probe = 0;
-    let ready_by = Instant::now() + Duration::from_secs(120);
-    while got_probe < members && Instant::now() < ready_by {
-        if let Ok(Some((0, _))) = tokio::time::timeout(Duration::from_secs(1), seen_rx.recv()).await
-        {
-            got_probe += 1;
+    // Every device connected and synced (a device that failed ends the run)...
+    let connecting = report::progress(members as u64, "connecting", common.quiet);
+    while (connected.load(Ordering::Relaxed) as usize) < all.len() {
+        for d in devices.iter_mut().filter(|d| d.is_finished()) {
+            (&mut *d).await??;
+            bail!("a member device disconnected");
         }
+        connecting.set_position(connected.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if got_probe < members {
-        // Devices connecting after the probe sync it from their inbox, so a slow
-        // start only shows here.
-        eprintln!("warning: only {got_probe} of {members} devices had the probe");
-    }
+    connecting.finish_and_clear();
+    // ...then a probe message that every one of them must get before the clock starts.
+    let (mut tx, mut rx) = client::connect(&common.addr[0], &all[0].token).await?;
     let acks = tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok(Some(frame)) = next_json(&mut rx).await {
@@ -446,6 +449,19 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
         }
         n
     });
+    let probe = json!({"conversation_id": conversation});
+    tx.send(send_frame(&probe, 0, common.body)).await?;
+    let mut got_probe = 0;
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while got_probe < all.len() && Instant::now() < ready_by {
+        if let Ok(Some((0, _))) = tokio::time::timeout(Duration::from_secs(1), seen_rx.recv()).await
+        {
+            got_probe += 1;
+        }
+    }
+    if got_probe < all.len() {
+        bail!("only {got_probe} of {} devices got the probe message", all.len());
+    }
     let cpu = CpuMeter::start(common.server_pid);
     let bar = report::progress(messages as u64, "fanout", common.quiet);
     let start = since(t0);
@@ -463,7 +479,7 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
     let complete = |last: &HashMap<u64, (usize, u64)>| {
         scheduled_all
             .iter()
-            .all(|s| last.get(s).is_some_and(|(n, _)| *n >= members))
+            .all(|s| last.get(s).is_some_and(|(n, _)| *n >= all.len()))
     };
     while !complete(&last) && Instant::now() < deadline {
         if let Ok(Some((scheduled, at))) =
@@ -480,7 +496,7 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
     let mut incomplete = 0;
     for s in &scheduled_all {
         match last.get(s) {
-            Some((n, at)) if *n >= members => {
+            Some((n, at)) if *n >= all.len() => {
                 let _ = h.record(at.saturating_sub(*s).max(1));
             }
             _ => incomplete += 1,
