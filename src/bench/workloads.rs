@@ -460,7 +460,10 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
         }
     }
     if got_probe < all.len() {
-        bail!("only {got_probe} of {} devices got the probe message", all.len());
+        bail!(
+            "only {got_probe} of {} devices got the probe message",
+            all.len()
+        );
     }
     let cpu = CpuMeter::start(common.server_pid);
     let bar = report::progress(messages as u64, "fanout", common.quiet);
