@@ -430,8 +430,8 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
     // Every device connected and synced (a device that failed ends the run)...
     let connecting = report::progress(members as u64, "connecting", common.quiet);
     while (connected.load(Ordering::Relaxed) as usize) < all.len() {
-        for d in devices.iter_mut().filter(|d| d.is_finished()) {
-            (&mut *d).await??;
+        if let Some(d) = devices.iter_mut().find(|d| d.is_finished()) {
+            d.await??;
             bail!("a member device disconnected");
         }
         connecting.set_position(connected.load(Ordering::Relaxed));
