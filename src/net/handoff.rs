@@ -110,8 +110,13 @@ pub async fn run(router: Arc<Router>, target: Ring) {
     });
     futures_util::future::join_all(streams).await;
     // The bytes of the media that left, unless a media still here has the same.
+    // (Not the ones that arrived from another node in this change: their records may
+    // not have been imported yet.)
     let gone: Vec<String> =
-        std::mem::take(&mut *moved_files.lock().unwrap_or_else(|p| p.into_inner()));
+        std::mem::take(&mut *moved_files.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .filter(|sha| !router.arrived(sha))
+            .collect();
     if !gone.is_empty() {
         let _media = store.lock_media().await;
         let sweeping = store.clone();

@@ -45,6 +45,8 @@ const ATTEMPTS: usize = 3;
 /// Calls held for moving entities at most; past it they answer `owner_unavailable` (the
 /// caller retries), so a long handoff under heavy load cannot hold memory without bound.
 const MAX_HELD: usize = 10_000;
+/// A media file transfer with no part for this long is abandoned (its sender resends).
+const ARRIVING_IDLE: Duration = Duration::from_secs(60);
 /// How often a change that cannot proceed is logged again.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -77,7 +79,11 @@ pub struct Router {
     /// import that carries them is durable.
     arriving_marks: Mutex<(Vec<ConversationId>, Vec<GroupId>)>,
     /// Media files arriving in a handoff, by hash: the writer and the next offset.
-    arriving_files: tokio::sync::Mutex<HashMap<String, (MediaWriter, u64)>>,
+    /// A transfer idle longer than [`ARRIVING_IDLE`] (its sender died mid-file) is dropped.
+    arriving_files: tokio::sync::Mutex<HashMap<String, (MediaWriter, u64, std::time::Instant)>>,
+    /// Hashes of the media files received in the current ring change: this node never
+    /// removes them as "moved away" (their records may still be on their way).
+    arrived_files: Mutex<std::collections::HashSet<String>>,
     /// When the membership loop last logged why the ring does not change.
     last_said: Mutex<std::time::Instant>,
     /// Notified when this node has left the cluster and should stop serving.
@@ -194,6 +200,7 @@ impl Router {
             pusher,
             peers,
             arriving_files: Default::default(),
+            arrived_files: Default::default(),
             arriving_marks: Default::default(),
             left: tokio::sync::Notify::new(),
             last_said: Mutex::new(std::time::Instant::now()),
@@ -615,12 +622,15 @@ impl Router {
         last: bool,
     ) -> Result<PeerReply, ActorError> {
         let mut files = self.arriving_files.lock().await;
+        files.retain(|_, (_, _, touched)| touched.elapsed() < ARRIVING_IDLE);
         if offset == 0 {
-            files.insert(sha256.clone(), (self.registry.media_writer().await?, 0));
+            let writer = self.registry.media_writer().await?;
+            files.insert(sha256.clone(), (writer, 0, std::time::Instant::now()));
         }
-        let Some((writer, next)) = files.get_mut(&sha256) else {
+        let Some((writer, next, touched)) = files.get_mut(&sha256) else {
             return Err(ActorError::Internal("media part out of order".into()));
         };
+        *touched = std::time::Instant::now();
         if *next != offset {
             files.remove(&sha256);
             return Err(ActorError::Internal("media part out of order".into()));
@@ -630,9 +640,13 @@ impl Router {
         if !last {
             return Ok(PeerReply::Done);
         }
-        let Some((writer, _)) = files.remove(&sha256) else {
+        let Some((writer, _, _)) = files.remove(&sha256) else {
             return Err(ActorError::Internal("media part out of order".into()));
         };
+        self.arrived_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sha256.clone());
         let (got, _) = writer.finish().await?;
         if got != sha256 {
             return Err(ActorError::Internal(format!(
@@ -875,6 +889,10 @@ impl Router {
             m.handed_off = false;
             m.started = false;
             self.registry.unfence();
+            self.arrived_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             m.handing_off = false;
             m.phase = Phase::Idle;
             m.waiting = None;
@@ -1000,6 +1018,14 @@ impl Router {
         let mut m = self.membership();
         m.phase = Phase::Moving(left);
         self.release(&mut m);
+    }
+
+    /// Whether a media file with this hash arrived here during the current change.
+    pub(crate) fn arrived(&self, sha256: &str) -> bool {
+        self.arrived_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(sha256)
     }
 
     /// These entities now live at their next home (durably there, deleted here).
