@@ -184,82 +184,73 @@ async fn sender(
     acked: Arc<Mutex<Vec<Acked>>>,
     tally: Arc<Tally>,
 ) {
-    let mut ws: Option<Ws> = None;
+    let mut client = Roamer::new(&token);
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let cmid = new_uuid();
         let body = format!("{name}#{i}");
         let mut frame = targets[rng.below(targets.len())].clone();
         frame["type"] = json!("send");
-        frame["client_msg_id"] = json!(cmid);
+        frame["client_msg_id"] = json!(new_uuid());
         frame["body"] = json!(body);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: no ack for {cmid} in 90 s"
-            );
-            if ws.is_none() {
-                match ws_to(ports[rng.below(ports.len())], &token).await {
-                    Ok(w) => ws = Some(w),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-            }
-            let w = ws.as_mut().expect("connected");
-            if !w.try_send_text(frame.to_string()).await {
-                ws = None;
-                continue;
-            }
-            let answer = loop {
-                match w.next_event(Duration::from_secs(8)).await {
-                    Event::Json(v) if v["client_msg_id"] == cmid.as_str() => break Some(v),
-                    Event::Json(_) | Event::Binary(_) => {}
-                    Event::Closed(_) | Event::Timeout => break None,
-                }
-            };
-            match answer {
-                Some(v) if v["type"] == "ack" => {
-                    acked.lock().unwrap().push(Acked {
-                        conversation: str_field(&v, "conversation_id").to_string(),
-                        seq: u64_field(&v, "seq"),
-                        body: body.clone(),
-                    });
-                    break;
-                }
-                Some(v) => {
-                    let code = v["code"].as_str().unwrap_or_default();
-                    assert!(
-                        ["owner_unavailable", "rate_limited", "storage_error"].contains(&code),
-                        "{name}: a send failed for good: {v}"
-                    );
-                    tally.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                }
-                None => {
-                    tally.retries.fetch_add(1, Ordering::Relaxed);
-                    ws = None;
-                }
-            }
-        }
+        let retried = client.retries;
+        let pick = Rng::new(rng.next());
+        let v = client
+            .send_until_acked(
+                &frame,
+                {
+                    let mut pick = pick;
+                    let ports = &ports;
+                    move || ports[pick.below(ports.len())]
+                },
+                // Storage errors are expected too: the run injects disk faults.
+                &["owner_unavailable", "rate_limited", "storage_error"],
+                Duration::from_secs(90),
+            )
+            .await;
+        tally
+            .retries
+            .fetch_add(client.retries - retried, Ordering::Relaxed);
+        acked.lock().unwrap().push(Acked {
+            conversation: str_field(&v, "conversation_id").to_string(),
+            seq: u64_field(&v, "seq"),
+            body,
+        });
         tokio::time::sleep(Duration::from_millis(150 + rng.below(100) as u64)).await;
     }
 }
 
+/// Waits (up to 60 s) until `missing(user, device)` is 0 for every device; a violation
+/// naming the devices still behind if not.
+async fn wait_for_devices(
+    devices: &[(usize, Arc<Mutex<Device>>)],
+    violations: &Violations,
+    what: &str,
+    missing: impl Fn(usize, &Device) -> usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let behind: Vec<String> = devices
+            .iter()
+            .filter_map(|(u, d)| {
+                let n = missing(*u, &d.lock().unwrap());
+                (n > 0).then(|| format!("user {u} missing {n}"))
+            })
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let list = behind.join(", ");
+            violation(violations, format!("devices never got {what}: {list}"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 async fn admin_post(node: &Node, path: &str, body: &Value) -> Resp {
-    node.call_raw(
-        reqwest::Method::POST,
-        &format!("{}{path}", node.base()),
-        &[
-            ("authorization", "Bearer test-admin-token"),
-            ("content-type", "application/json"),
-        ],
-        Some(body.to_string().into_bytes()),
-    )
-    .await
+    node.admin(reqwest::Method::POST, path, Some(body)).await
 }
 
 /// The faults: actor kills many times a second, a partition every few seconds, a
@@ -467,37 +458,16 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
     };
     // Devices first (before anything reads a conversation, which would wake it): each
     // must get every acked message of its conversations by itself.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let behind: Vec<String> = devices
+    wait_for_devices(&devices, &violations, "every acked message", |u, d| {
+        let have: std::collections::HashSet<(&str, u64)> =
+            d.got.iter().map(|(_, c, s, _)| (c.as_str(), *s)).collect();
+        member_of(u)
             .iter()
-            .filter_map(|(u, d)| {
-                let d = d.lock().unwrap();
-                let have: std::collections::HashSet<(&str, u64)> =
-                    d.got.iter().map(|(_, c, s, _)| (c.as_str(), *s)).collect();
-                let missing = member_of(*u)
-                    .iter()
-                    .flat_map(|c| by_conv[c].iter())
-                    .filter(|a| !have.contains(&(a.conversation.as_str(), a.seq)))
-                    .count();
-                (missing > 0).then(|| format!("{} missing {missing}", users[*u].handle))
-            })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            violation(
-                &violations,
-                format!(
-                    "devices never got every acked message: {}",
-                    behind.join(", ")
-                ),
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            .flat_map(|c| by_conv[c].iter())
+            .filter(|a| !have.contains(&(a.conversation.as_str(), a.seq)))
+            .count()
+    })
+    .await;
     let mut histories: HashMap<String, Vec<(u64, String)>> = HashMap::new();
     for conv in by_conv.keys() {
         let reader = (0..USERS)
@@ -543,34 +513,16 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
     }
 
     // Devices: wait until each has everything, then compare.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let behind: Vec<String> = devices
+    wait_for_devices(&devices, &violations, "the whole history", |u, d| {
+        member_of(u)
             .iter()
-            .filter_map(|(u, d)| {
-                let d = d.lock().unwrap();
-                let missing: usize = member_of(*u)
-                    .iter()
-                    .map(|c| {
-                        let have = d.got.iter().filter(|(_, conv, _, _)| conv == c).count();
-                        histories[c].len().saturating_sub(have)
-                    })
-                    .sum();
-                (missing > 0).then(|| format!("{} missing {missing}", users[*u].handle))
+            .map(|c| {
+                let have = d.got.iter().filter(|(_, conv, _, _)| conv == c).count();
+                histories[c].len().saturating_sub(have)
             })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            violation(
-                &violations,
-                format!("devices never caught up: {}", behind.join(", ")),
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            .sum()
+    })
+    .await;
     let mut inbox_orders: HashMap<usize, Vec<(String, u64)>> = HashMap::new();
     for (u, d) in &devices {
         let d = d.lock().unwrap();

@@ -27,36 +27,9 @@ enum Target {
     Conversation(String),
 }
 
-enum Reply {
-    Ack(Value),
-    Retry,
-    Broken,
-}
-
-/// Waits for the answer to `cmid`, skipping other frames.
-async fn reply_to(ws: &mut Ws, cmid: &str) -> Reply {
-    loop {
-        match ws.next_event(Duration::from_secs(8)).await {
-            Event::Json(v) if v["client_msg_id"] == cmid && v["type"] == "ack" => {
-                return Reply::Ack(v)
-            }
-            Event::Json(v) if v["client_msg_id"] == cmid && v["type"] == "error" => {
-                let code = v["code"].as_str().unwrap_or_default();
-                assert!(
-                    ["owner_unavailable", "rate_limited"].contains(&code),
-                    "a send failed for good during a ring change: {v}"
-                );
-                return Reply::Retry;
-            }
-            Event::Json(_) | Event::Binary(_) => {}
-            Event::Closed(_) | Event::Timeout => return Reply::Broken,
-        }
-    }
-}
-
-/// One client sending to one target until told to stop, through whichever node of
-/// `ports` it reaches, reconnecting when its connection is closed and retrying each
-/// unacked send with the same `client_msg_id`.
+/// One client sending to one target until told to stop, through the nodes of `ports`
+/// in turn (the list changes as nodes join and leave), retrying each unacked send with
+/// the same `client_msg_id`.
 async fn sender(
     name: String,
     token: String,
@@ -65,61 +38,34 @@ async fn sender(
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<Acked>>>,
 ) {
-    let mut ws: Option<Ws> = None;
-    let mut i = 0u64;
+    let mut client = Roamer::new(&token);
     let mut connects = 0usize;
+    let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let cmid = new_uuid();
         let body = format!("{name}#{i}");
-        let frame = match &target {
-            Target::User(u) => json!({"type":"send","client_msg_id":cmid,"to_user":u,"body":body}),
-            Target::Conversation(c) => {
-                json!({"type":"send","client_msg_id":cmid,"conversation_id":c,"body":body})
-            }
+        let mut frame = match &target {
+            Target::User(u) => json!({"to_user": u}),
+            Target::Conversation(c) => json!({"conversation_id": c}),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: no ack for {cmid} within 60 s"
-            );
-            if ws.is_none() {
-                connects += 1;
-                let port = {
-                    let p = ports.lock().unwrap();
-                    p[connects % p.len()]
-                };
-                match ws_to(port, &token).await {
-                    Ok(w) => ws = Some(w),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
-            }
-            let w = ws.as_mut().expect("connected");
-            if !w.try_send_text(frame.to_string()).await {
-                ws = None;
-                continue;
-            }
-            match reply_to(w, &cmid).await {
-                Reply::Ack(v) => {
-                    assert_ack_shape(&v, &cmid);
-                    acked.lock().unwrap().push(Acked {
-                        conversation: str_field(&v, "conversation_id").to_string(),
-                        seq: u64_field(&v, "seq"),
-                        body: body.clone(),
-                    });
-                    break;
-                }
-                Reply::Retry => tokio::time::sleep(Duration::from_millis(200)).await,
-                Reply::Broken => {
-                    ws = None;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        frame["type"] = json!("send");
+        frame["client_msg_id"] = json!(new_uuid());
+        frame["body"] = json!(body);
+        let next_port = || {
+            connects += 1;
+            let p = ports.lock().unwrap();
+            p[connects % p.len()]
+        };
+        // Only "try again" errors during a ring change: anything else fails the test.
+        let retry_on = ["owner_unavailable", "rate_limited"];
+        let v = client
+            .send_until_acked(&frame, next_port, &retry_on, Duration::from_secs(60))
+            .await;
+        acked.lock().unwrap().push(Acked {
+            conversation: str_field(&v, "conversation_id").to_string(),
+            seq: u64_field(&v, "seq"),
+            body,
+        });
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -12,16 +12,7 @@ use serde_json::{json, Value};
 const CHAOS: &str = "[chaos]\nenabled = true";
 
 async fn admin_post(node: &Node, path: &str, body: &Value) -> Resp {
-    node.call_raw(
-        reqwest::Method::POST,
-        &format!("{}{path}", node.base()),
-        &[
-            ("authorization", "Bearer test-admin-token"),
-            ("content-type", "application/json"),
-        ],
-        Some(body.to_string().into_bytes()),
-    )
-    .await
+    node.admin(reqwest::Method::POST, path, Some(body)).await
 }
 
 /// The value of a counter in `/metrics` (summed over its labels).

@@ -258,7 +258,7 @@ pub struct Membership {
     /// started before it (whatever entity it was for) without waiting for later ones.
     pub epoch: u64,
     /// Calls served here and not yet answered, by epoch parity.
-    pub inflight: [usize; 2],
+    pub inflight: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>,
     /// Calls held for moving entities, oldest first.
     pub held: Vec<Held>,
     /// A handoff task is running.

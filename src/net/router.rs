@@ -20,6 +20,7 @@
 //! and adopt, hand off or commit as `membership::decide` says.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,11 +50,6 @@ const MAX_HELD: usize = 10_000;
 const ARRIVING_IDLE: Duration = Duration::from_secs(60);
 /// How often a change that cannot proceed is logged again.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
-
-enum StepKind {
-    Problem,
-    Other,
-}
 
 /// How often the membership loop tells the peers our ring state and looks at theirs.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
@@ -97,20 +93,22 @@ enum Home {
 }
 
 /// Counts a call served here until it is answered, in the slot of the epoch it started
-/// in (see `Membership::epoch`); an upload holds one from its id to its record.
-pub(crate) struct InFlight(Arc<Mutex<Membership>>, usize);
+/// in (see `Membership::epoch`); an upload holds one from its id to its record. Taken
+/// under the membership lock (so the epoch cannot change in between), dropped without
+/// it: the message path pays one atomic decrement, not a second lock.
+pub(crate) struct InFlight(Arc<[AtomicUsize; 2]>, usize);
 
 impl InFlight {
-    fn new(membership: &Arc<Mutex<Membership>>, m: &mut Membership) -> InFlight {
+    fn new(m: &Membership) -> InFlight {
         let slot = (m.epoch % 2) as usize;
-        m.inflight[slot] += 1;
-        InFlight(Arc::clone(membership), slot)
+        m.inflight[slot].fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(&m.inflight), slot)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        lock(&self.0).inflight[self.1] -= 1;
+        self.0[self.1].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -183,7 +181,7 @@ impl Router {
                 Phase::Idle
             },
             epoch: 0,
-            inflight: [0, 0],
+            inflight: Default::default(),
             held: Vec::new(),
             handing_off: false,
             waiting: None,
@@ -251,12 +249,12 @@ impl Router {
     /// The upload counts as a call in flight until its guard is dropped (once its record
     /// is stored), so a handoff that starts meanwhile waits for it and lists it.
     pub(crate) fn new_media_id(&self) -> Option<(uuid::Uuid, InFlight)> {
-        let mut m = self.membership();
+        let m = self.membership();
         let id = (0..1000).map(|_| uuid::Uuid::new_v4()).find(|id| {
             let key = media_ring_key(id);
             m.place(key.as_bytes()) == Place::Here { leaving: false }
         })?;
-        Some((id, InFlight::new(&self.membership, &mut m)))
+        Some((id, InFlight::new(&m)))
     }
 
     /// The client address of the node serving the media, if that is another node:
@@ -384,7 +382,7 @@ impl Router {
     ) -> Call<PeerReply> {
         match place {
             Place::Here { .. } => {
-                let counted = InFlight::new(&self.membership, &mut m);
+                let counted = InFlight::new(&m);
                 drop(m);
                 let answer = self.serve_here(call);
                 Box::pin(async move {
@@ -792,17 +790,13 @@ impl Router {
 
     /// Takes one step; `true` if the state changed (so the loop goes round again now).
     async fn take_step(self: &Arc<Self>, step: Step) -> bool {
-        let step_kind = match step {
-            Step::Wait(_) => StepKind::Problem,
-            _ => StepKind::Other,
-        };
+        let problem = matches!(step, Step::Wait(_));
         match step {
             Step::Idle => {
                 self.membership().waiting = None;
                 false
             }
             Step::Wait(why) | Step::Progress(why) => {
-                let problem = matches!(step_kind, StepKind::Problem);
                 let mut m = self.membership();
                 let mut said = self.last_said.lock().unwrap_or_else(|p| p.into_inner());
                 if m.waiting.as_deref() != Some(&why)
@@ -1003,7 +997,8 @@ impl Router {
         // Every call is bounded (timeouts), so this ends.
         let started = tokio::time::Instant::now();
         let mut warned = false;
-        while self.membership().inflight[before] > 0 {
+        let inflight = Arc::clone(&self.membership().inflight);
+        while inflight[before].load(Ordering::Acquire) > 0 {
             if !warned && started.elapsed() > CALL_TIMEOUT * 4 {
                 warned = true;
                 tracing::warn!("handoff still waiting for calls that started before it");

@@ -298,26 +298,30 @@ impl Node {
         std::fs::write(&self.config_path, out).expect("write cluster.toml");
     }
 
-    /// `POST /admin/reload` with the admin token.
-    pub async fn reload(&self) -> Resp {
+    /// An `/admin/...` call with the admin token (and a JSON body, if any).
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Resp {
         self.call_raw(
-            reqwest::Method::POST,
-            &format!("{}/admin/reload", self.base()),
-            &[("authorization", "Bearer test-admin-token")],
-            None,
+            method,
+            &format!("{}{path}", self.base()),
+            &[
+                ("authorization", "Bearer test-admin-token"),
+                ("content-type", "application/json"),
+            ],
+            body.map(|b| b.to_string().into_bytes()),
         )
         .await
+    }
+
+    /// `POST /admin/reload` with the admin token.
+    pub async fn reload(&self) -> Resp {
+        self.admin(reqwest::Method::POST, "/admin/reload", None)
+            .await
     }
 
     /// `GET /admin/cluster` with the admin token.
     pub async fn cluster(&self) -> Value {
         let r = self
-            .call_raw(
-                reqwest::Method::GET,
-                &format!("{}/admin/cluster", self.base()),
-                &[("authorization", "Bearer test-admin-token")],
-                None,
-            )
+            .admin(reqwest::Method::GET, "/admin/cluster", None)
             .await;
         assert_eq!(
             r.status,
@@ -334,12 +338,7 @@ impl Node {
         let deadline = Instant::now() + within;
         loop {
             let r = self
-                .call_raw(
-                    reqwest::Method::GET,
-                    &format!("{}/admin/cluster", self.base()),
-                    &[("authorization", "Bearer test-admin-token")],
-                    None,
-                )
+                .admin(reqwest::Method::GET, "/admin/cluster", None)
                 .await;
             if r.status == 200
                 && u64_field(&r.body, "ring_version") >= version
@@ -863,6 +862,87 @@ pub fn assert_ack_shape(ack: &Value, cmid: &str) {
         "ack seq: {ack}"
     );
     assert!(ack["ts"].is_u64(), "ack ts: {ack}");
+}
+
+/// A client that roams between nodes: it sends a frame and retries it (same
+/// `client_msg_id`) until acked, reconnecting whenever its connection breaks.
+pub struct Roamer {
+    token: String,
+    ws: Option<Ws>,
+    /// Sends retried (an error answer, or a broken connection).
+    pub retries: u64,
+}
+
+impl Roamer {
+    pub fn new(token: &str) -> Roamer {
+        Roamer {
+            token: token.to_string(),
+            ws: None,
+            retries: 0,
+        }
+    }
+
+    /// Sends `frame` (a `send` with its `client_msg_id`) until acked, connecting to
+    /// the node `port` names each time it needs a connection; an error whose code is
+    /// in `retry_on` is retried, any other fails the test, and so does no ack within
+    /// `within`. The ack.
+    pub async fn send_until_acked(
+        &mut self,
+        frame: &Value,
+        mut port: impl FnMut() -> u16,
+        retry_on: &[&str],
+        within: Duration,
+    ) -> Value {
+        let cmid = frame["client_msg_id"]
+            .as_str()
+            .expect("a client_msg_id")
+            .to_string();
+        let deadline = Instant::now() + within;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no ack for {frame} within {within:?}"
+            );
+            let ws = match self.ws.as_mut() {
+                Some(ws) => ws,
+                None => match ws_to(port(), &self.token).await {
+                    Ok(w) => self.ws.insert(w),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if !ws.try_send_text(frame.to_string()).await {
+                self.ws = None;
+                continue;
+            }
+            let answer = loop {
+                match ws.next_event(Duration::from_secs(8)).await {
+                    Event::Json(v) if v["client_msg_id"] == cmid.as_str() => break Some(v),
+                    Event::Json(_) | Event::Binary(_) => {}
+                    Event::Closed(_) | Event::Timeout => break None,
+                }
+            };
+            self.retries += 1;
+            match answer {
+                Some(v) if v["type"] == "ack" => {
+                    self.retries -= 1;
+                    assert_ack_shape(&v, &cmid);
+                    return v;
+                }
+                Some(v) => {
+                    let code = v["code"].as_str().unwrap_or_default();
+                    assert!(retry_on.contains(&code), "a send failed for good: {v}");
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+                None => {
+                    self.ws = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
 }
 
 /// Opens a WebSocket to the node on `port` (for clients that roam between nodes).
