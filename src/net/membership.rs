@@ -382,18 +382,12 @@ impl Membership {
     /// held for the same entity are refused rather than sent: they may be later sends
     /// of the same connection, which must not overtake the one it will retry.
     pub fn ready(&mut self) -> Vec<(Held, Place)> {
-        let held = std::mem::take(&mut self.held);
-        let mut out = Vec::new();
-        let mut broken: HashSet<String> = HashSet::new();
-        for h in held {
-            if h.answer.is_closed() {
-                broken.insert(h.key.clone());
-                continue;
-            }
-            if broken.contains(&h.key) {
-                out.push((h, Place::Refused));
-                continue;
-            }
+        let mut out: Vec<(Held, Place)> = self
+            .prune()
+            .into_iter()
+            .map(|h| (h, Place::Refused))
+            .collect();
+        for h in std::mem::take(&mut self.held) {
             match self.accept(h.key.as_bytes()) {
                 Place::Hold(_) => self.held.push(h),
                 place => out.push((h, place)),
