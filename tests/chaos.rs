@@ -473,16 +473,7 @@ async fn chaos_loses_repeats_and_reorders_nothing() {
         let reader = (0..USERS)
             .find(|u| member_of(*u).contains(conv))
             .expect("a member");
-        let h = nodes[0].full_history(&users[reader].token, conv).await;
-        let list: Vec<(u64, String)> = h
-            .iter()
-            .map(|m| {
-                (
-                    u64_field(m, "seq"),
-                    m["body"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
+        let list = nodes[0].seq_bodies(&users[reader].token, conv).await;
         let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
         if seqs != (1..=seqs.len() as u64).collect::<Vec<_>>() {
             violation(&violations, format!("{conv}: seqs with a gap: {seqs:?}"));

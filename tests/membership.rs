@@ -265,16 +265,7 @@ impl Workload {
                     .or_default()
                     .push(conv.clone());
             }
-            let h = via.full_history(&members[0].token, conv).await;
-            let list: Vec<(u64, String)> = h
-                .iter()
-                .map(|m| {
-                    (
-                        u64_field(m, "seq"),
-                        m["body"].as_str().unwrap_or("").to_string(),
-                    )
-                })
-                .collect();
+            let list = via.seq_bodies(&members[0].token, conv).await;
             let seqs: Vec<u64> = list.iter().map(|(s, _)| *s).collect();
             assert_eq!(
                 seqs,

@@ -718,6 +718,20 @@ impl Node {
         }
     }
 
+    /// The whole history of `cid` as `(seq, body)` pairs (an empty body for none).
+    pub async fn seq_bodies(&self, token: &str, cid: &str) -> Vec<(u64, String)> {
+        self.full_history(token, cid)
+            .await
+            .iter()
+            .map(|m| {
+                (
+                    u64_field(m, "seq"),
+                    m["body"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// GET /users/{id} as `token`, asserting 200.
     pub async fn user_obj(&self, token: &str, id: &str) -> Value {
         let r = self.get(&format!("/users/{id}"), Some(token)).await;
