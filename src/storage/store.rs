@@ -744,13 +744,6 @@ impl EntityDump {
         (conversations, groups)
     }
 
-    /// Bytes of keys and values, to size the messages a handoff sends.
-    pub fn bytes(&self) -> usize {
-        self.records
-            .iter()
-            .map(|(t, k, v)| t.len() + k.len() + v.len() + 16)
-            .sum()
-    }
 }
 
 impl Store {
@@ -790,11 +783,6 @@ impl Store {
     /// Whether the bytes with this hash are stored here.
     pub fn has_media_file(&self, sha256: &str) -> bool {
         valid_sha(sha256) && self.media_path(sha256).is_file()
-    }
-
-    /// An incoming copy of a media file another node hands over (see `MediaWriter`).
-    pub async fn media_import(&self) -> Result<super::MediaWriter> {
-        self.media_writer().await
     }
 
     /// Serialises the steps that decide whether a media file is needed: an upload
