@@ -743,7 +743,6 @@ impl EntityDump {
         }
         (conversations, groups)
     }
-
 }
 
 impl Store {
