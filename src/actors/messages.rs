@@ -101,10 +101,6 @@ pub enum UserRequest {
     Login {
         password: String,
     },
-    /// Checks the password only (a retried registration proves it is the same one).
-    CheckPassword {
-        password: String,
-    },
     /// Is this token valid now?
     Authenticate {
         token: TokenHash,

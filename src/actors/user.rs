@@ -734,9 +734,7 @@ impl Handler<UserCall> for UserActor {
                     display_name,
                     password_hash,
                 } => self.create(handle, display_name, password_hash),
-                UserRequest::Login { .. } | UserRequest::CheckPassword { .. } => {
-                    done(Err(ActorError::InvalidCredentials))
-                }
+                UserRequest::Login { .. } => done(Err(ActorError::InvalidCredentials)),
                 UserRequest::Authenticate { .. }
                 | UserRequest::Logout { .. }
                 | UserRequest::Attach { .. } => done(Err(ActorError::Unauthorized)),
@@ -750,7 +748,6 @@ impl Handler<UserCall> for UserActor {
                 password_hash,
             } => self.create(handle, display_name, password_hash),
             UserRequest::Login { password } => self.login(password),
-            UserRequest::CheckPassword { password } => self.check_password(password),
             UserRequest::Authenticate { token } => done(if self.token_valid(&token) {
                 Ok(UserReply::Done)
             } else {

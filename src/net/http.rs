@@ -63,6 +63,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/conversations/{cid}/receipts").get(receipts))
                 .service(resource("/ws").get(ws::connect)),
         )
+        .configure(super::web::routes)
         .default_service(web::to(not_found));
 }
 
@@ -339,16 +340,22 @@ pub struct Authed {
 
 /// The token of a request: `Authorization: Bearer` first, else `?token=`.
 pub fn request_token(req: &HttpRequest) -> Option<String> {
-    if let Some(h) = req.headers().get(header::AUTHORIZATION) {
-        let v = h.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string());
-    }
-    web::Query::<HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("token").cloned())
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// The token of a WebSocket upgrade: the header, or `?token=`, which the contract allows
+/// here only (browsers cannot set headers on a WebSocket). Everywhere else a token in a
+/// URL would end up in access logs and browser history, so it is not read.
+pub fn upgrade_token(req: &HttpRequest) -> Option<String> {
+    request_token(req).or_else(|| {
+        web::Query::<HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("token").cloned())
+    })
 }
 
 /// Validates a token at its user's home.
@@ -472,28 +479,14 @@ async fn register(
         .map_err(|e| ApiError::new(500, "internal", e))?;
     let user_id = UserId::random();
     let router = &state.router;
-    if let Some(owner) = router.claim_handle(body.handle.clone(), user_id).await? {
-        // Taken: by someone else, or by an earlier attempt of this very registration
-        // whose answer was lost (its owner did not answer in time). The same password
-        // proves the latter: answer as the first attempt would have.
-        let same = router
-            .user(
-                owner,
-                UserRequest::CheckPassword {
-                    password: body.password,
-                },
-            )
-            .await;
-        return match same {
-            Ok(_) => match router.user(owner, UserRequest::Profile).await? {
-                UserReply::Profile(p) => Ok(registered(&p)),
-                _ => Err(unexpected(Ok(())).into()),
-            },
-            Err(ActorError::InvalidCredentials | ActorError::UnknownUser) => {
-                Err(ActorError::HandleTaken.into())
-            }
-            Err(e) => Err(e.into()),
-        };
+    if router
+        .claim_handle(body.handle.clone(), user_id)
+        .await?
+        .is_some()
+    {
+        // Taken, whoever took it, as the contract says. (A client whose first attempt
+        // got an error may have registered after all: logging in tells it.)
+        return Err(ActorError::HandleTaken.into());
     }
     let created = router
         .user(
@@ -508,8 +501,8 @@ async fn register(
     match created {
         Ok(UserReply::Profile(p)) => Ok(registered(&p)),
         // No answer in time from a reachable home: the user may exist. Keep the
-        // handle, so a retry with the same password finds it (above). (Unreachable:
-        // the call never left, and the handle is released below.)
+        // handle, so logging in finds it. (Unreachable: the call never left, and the
+        // handle is released below.)
         Err(ActorError::Unavailable) if router.reachable(user_id) => {
             Err(ActorError::Unavailable.into())
         }
@@ -602,14 +595,21 @@ async fn find_user(
     let handle = query
         .get("handle")
         .ok_or_else(|| ApiError::bad_request("missing query parameter `handle`"))?;
+    let unknown = || {
+        ApiError::new(
+            404,
+            "unknown_user",
+            format!("no user has the handle {handle:?}"),
+        )
+    };
     if !valid_handle(handle) {
-        return Err(ActorError::UnknownUser.into());
+        return Err(unknown());
     }
     let id = state
         .router
         .resolve_handle(handle.clone())
         .await?
-        .ok_or(ActorError::UnknownUser)?;
+        .ok_or_else(unknown)?;
     profile(&state, id).await
 }
 

@@ -16,6 +16,7 @@
 //! - `membership.rs`: which ring the node serves, which its file asks for, and the rules
 //!   by which the nodes agree to move from one to the other.
 //! - `handoff.rs`: this node's share of a ring change: moving entities to their new home.
+//! - `web.rs`: the web client's files (`web/`, embedded at build time), served at `/`.
 //!
 //! `net` imports `actors` (and `storage` only to open it at start-up).
 
@@ -29,11 +30,12 @@ mod push;
 pub mod ring;
 mod router;
 mod sessions;
+pub mod web;
 mod ws;
 
 use std::sync::{Arc, Weak};
 
-use actix_web::{web, App, HttpServer};
+use actix_web::{App, HttpServer};
 
 use crate::actors::{Registry, Route};
 use crate::config::{ClusterConfig, NodeConfig};
@@ -183,7 +185,7 @@ pub async fn serve(
     let left = Arc::clone(&state.router);
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(web::Data::new(state.clone()))
+            .app_data(actix_web::web::Data::new(state.clone()))
             .configure(http::routes)
     })
     .workers(threads)

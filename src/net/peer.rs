@@ -59,7 +59,7 @@ use crate::ids::{ConversationId, GroupId, UserId};
 use crate::metrics::metrics;
 
 /// Version of the frames below; peers on another version are refused.
-pub const PEER_PROTOCOL: u32 = 2;
+pub const PEER_PROTOCOL: u32 = 3;
 /// Largest frame a link accepts (an inbox append carries at most 256 messages of at
 /// most `max_message_bytes` each).
 pub const MAX_PEER_FRAME: usize = 64 << 20;

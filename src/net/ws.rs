@@ -38,7 +38,7 @@ use futures_util::Stream;
 use uuid::Uuid;
 
 use super::api::ApiError;
-use super::http::{authenticate, request_token};
+use super::http::{authenticate, upgrade_token};
 use super::protocol::*;
 use super::router::Router;
 use super::sessions::{event_cost, Gauge};
@@ -82,7 +82,7 @@ pub async fn connect(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = authenticate(&state, request_token(&req)).await?;
+    let me = authenticate(&state, upgrade_token(&req)).await?;
     let mut response = ws::handshake(&req)
         .map_err(|e| ApiError::bad_request(format!("WebSocket handshake failed: {e}")))?;
     let drained = Rc::new(Cell::new(0u64));
