@@ -55,6 +55,9 @@ const FANOUT_BATCH: u64 = 256;
 pub const MAX_MEDIA_PER_MESSAGE: usize = 32;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How far fan-out may get past the fan-out mark's resume point before the mark is
+/// moved up (so a restart does not re-send a long-running conversation from its start).
+const MARK_REFRESH: u64 = 1024;
 
 type Reply = ResponseActFuture<ConversationActor, Result<ConversationReply, ActorError>>;
 
@@ -109,8 +112,10 @@ pub struct ConversationActor {
     recent: VecDeque<Arc<MessageRecord>>,
     /// Body bytes held in `recent`.
     recent_bytes: usize,
-    /// Whether the persistent fan-out-pending mark is set.
+    /// Whether the persistent fan-out-pending mark is set, and the resume point it
+    /// holds.
     fanout_marked: bool,
+    mark_done: u64,
     last_call: Instant,
 }
 
@@ -132,6 +137,7 @@ impl ConversationActor {
             recent: VecDeque::new(),
             recent_bytes: 0,
             fanout_marked: false,
+            mark_done: 0,
             last_call: Instant::now(),
         };
         if let Err(e) = actor.load_state() {
@@ -155,6 +161,7 @@ impl ConversationActor {
         let mark = store.fanout_mark(self.id)?;
         self.fanout_marked = mark.is_some();
         let done = mark.unwrap_or(self.last_seq).min(self.last_seq);
+        self.mark_done = done;
         let membership = store.membership(self.id)?;
         self.membership_version = membership.version;
         for s in membership.spans {
@@ -192,9 +199,25 @@ impl ConversationActor {
 
     /// The next run of seqs `user` should receive after `done`: `(from, upto, prev)`,
     /// `prev` being the entitled seq its inbox must already hold.
+    ///
+    /// A member homed on this node may be sent messages that are written but not yet
+    /// flushed: its inbox append lands in the same store after them, and it shows
+    /// nothing until a flush covers the append, which then covers the messages too.
+    /// Delivery so waits for one flush, not two. A member elsewhere gets only flushed
+    /// messages: its node's flush covers nothing of ours.
     fn run_for(&self, user: UserId, done: u64) -> Option<(u64, u64, u64)> {
         let stays = self.stays(user);
-        next_run(stays, done, self.durable_seq, FANOUT_BATCH)
+        let written_here = || {
+            self.registry
+                .route()
+                .is_some_and(|route| route.homed_here(user))
+        };
+        let upto = if self.durable_seq < self.last_seq && written_here() {
+            self.last_seq
+        } else {
+            self.durable_seq
+        };
+        next_run(stays, done, upto, FANOUT_BATCH)
             .map(|(from, upto)| (from, upto, prev_entitled(stays, from)))
     }
 
@@ -286,6 +309,8 @@ impl ConversationActor {
         }
         let ack = ack_of(&message);
         self.remember(message);
+        // Members on this node get it now (see `run_for`); the others once it is flushed.
+        self.pump(ctx);
         self.after_commit(move |act, ctx| {
             metrics().messages_in.inc();
             act.durable_seq = act.durable_seq.max(seq);
@@ -330,6 +355,7 @@ impl ConversationActor {
             let done = self.members.values().map(|m| m.done).min().unwrap_or(0);
             self.registry.store().mark_fanout(self.id, done)?;
             self.fanout_marked = true;
+            self.mark_done = done;
         }
         Ok(())
     }
@@ -413,7 +439,9 @@ impl ConversationActor {
             self.behind.remove(&user);
             // A former member that has everything up to its removal is done with. (Not
             // merely "nothing due now": its removal may not be durable yet.)
-            let delivered = self.removed_at(user).is_some_and(|until| m.done >= until);
+            let delivered = self
+                .removed_at(user)
+                .is_some_and(|until| m.done >= until && until <= self.durable_seq);
             if delivered {
                 self.members.remove(&user);
             }
@@ -493,7 +521,6 @@ impl ConversationActor {
             }
         }
         self.pump_one(user, ctx);
-        self.clear_mark_if_done();
     }
 
     fn retry_later(&mut self, user: UserId) {
@@ -507,14 +534,33 @@ impl ConversationActor {
         self.durable_seq == self.last_seq && self.behind.is_empty()
     }
 
-    fn clear_mark_if_done(&mut self) {
-        if self.fanout_marked && self.fanout_complete() {
-            match self.registry.store().clear_fanout(self.id) {
-                Ok(()) => self.fanout_marked = false,
-                Err(e) => {
-                    tracing::warn!(conversation_id = %self.id, error = %e, "cannot clear fan-out mark")
-                }
+    /// Clears the fan-out mark once every member has everything, or moves its resume
+    /// point up once fan-out is far past it. Done on the tick, not per message: a
+    /// conversation that keeps talking would otherwise write and remove its mark
+    /// around every message.
+    fn settle_mark(&mut self) {
+        if !self.fanout_marked {
+            return;
+        }
+        let result = if self.fanout_complete() {
+            self.registry
+                .store()
+                .clear_fanout(self.id)
+                .map(|()| self.fanout_marked = false)
+        } else {
+            // Every member's `done` is a head its inbox confirmed durable, so the
+            // smallest is a safe place to resume from.
+            let done = self.members.values().map(|m| m.done).min().unwrap_or(0);
+            if done < self.mark_done + MARK_REFRESH {
+                return;
             }
+            self.registry
+                .store()
+                .mark_fanout(self.id, done)
+                .map(|()| self.mark_done = done)
+        };
+        if let Err(e) = result {
+            tracing::warn!(conversation_id = %self.id, error = %e, "cannot update fan-out mark");
         }
     }
 
@@ -822,6 +868,7 @@ impl Actor for ConversationActor {
         );
         ctx.run_interval(TICK, |act, ctx| {
             act.pump(ctx);
+            act.settle_mark();
             let busy = act.members.values().any(|m| m.in_flight) || !act.fanout_complete();
             if !busy && act.last_call.elapsed() >= IDLE_AFTER {
                 ctx.stop();

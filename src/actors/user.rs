@@ -13,7 +13,7 @@
 //! - a session goes live exactly at the inbox head it was synced to; it then receives
 //!   every later entry, in order, once.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,7 @@ use super::sequence::accept_run;
 use crate::ids::{ConversationId, UserId};
 use crate::metrics::metrics;
 use crate::storage::{
-    ConversationKind, InboxEntry, KeyBundle, MessageRecord, TokenRecord, UserConversation,
-    UserRecord,
+    ConversationKind, InboxRun, KeyBundle, MessageRecord, TokenRecord, UserConversation, UserRecord,
 };
 
 /// An actor with no sessions and no calls for this long stops.
@@ -38,6 +37,9 @@ const IDLE_AFTER: Duration = Duration::from_secs(60);
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 /// Longest inbox page a sync may ask for.
 const MAX_SYNC_PAGE: usize = 512;
+/// Inbox entries between two checkpoints of the conversation heads: what a load may
+/// have to replay to find them.
+const CHECKPOINT_EVERY: u64 = 4096;
 
 type Reply = ResponseActFuture<UserActor, Result<UserReply, ActorError>>;
 
@@ -60,6 +62,10 @@ pub struct UserActor {
     /// Highest inbox seq known flushed.
     durable_inbox: u64,
     conversations: HashMap<ConversationId, UserConversation>,
+    /// The inbox seq up to which the stored conversation heads are exact, and the
+    /// conversations whose head moved past it (see `checkpoint`).
+    heads_at: u64,
+    dirty_heads: HashSet<ConversationId>,
     /// Appended entries waiting for their flush before they are pushed.
     unflushed: VecDeque<(u64, Arc<MessageRecord>)>,
     sessions: Vec<Session>,
@@ -87,6 +93,8 @@ impl UserActor {
             next_inbox: 1,
             durable_inbox: 0,
             conversations: HashMap::new(),
+            heads_at: 0,
+            dirty_heads: HashSet::new(),
             unflushed: VecDeque::new(),
             sessions: Vec::new(),
             contacts: BTreeSet::new(),
@@ -124,6 +132,21 @@ impl UserActor {
             .into_iter()
             .map(|c| (c.conversation_id, c))
             .collect();
+        // Heads are stored only at checkpoints: the inbox past the last one says how far
+        // each conversation got since.
+        self.heads_at = store.heads_at(self.id)?.min(head);
+        for (_, entry) in store.inbox_range(self.id, self.heads_at, head, usize::MAX)? {
+            let Some(conv) = self.conversations.get_mut(&entry.conversation_id) else {
+                return Err(ActorError::Internal(format!(
+                    "inbox entry for conversation {} without its record",
+                    entry.conversation_id
+                )));
+            };
+            if entry.seq > conv.head {
+                conv.head = entry.seq;
+                self.dirty_heads.insert(entry.conversation_id);
+            }
+        }
         Ok(())
     }
 
@@ -524,47 +547,68 @@ impl UserActor {
     ) -> Reply {
         messages.sort_by_key(|m| m.seq);
         let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-        let conv = self
+        let head = self
             .conversations
-            .entry(conversation_id)
-            .or_insert_with(|| UserConversation {
-                conversation_id,
-                peer_id: peer,
-                kind,
-                head: 0,
-            });
-        let (skip, take) = accept_run(conv.head, prev, &seqs);
+            .get(&conversation_id)
+            .map_or(0, |c| c.head);
+        let (skip, take) = accept_run(head, prev, &seqs);
         if take == 0 {
             // Nothing new; answer the head once whatever made it is durable.
             return self.after_commit(0, move |act, _| Ok(act.appended(conversation_id)));
         }
         let first = self.next_inbox;
         let taken = &messages[skip..skip + take];
-        let entries: Vec<(u64, InboxEntry)> = taken
-            .iter()
-            .zip(first..)
-            .map(|(m, inbox_seq)| {
-                (
-                    inbox_seq,
-                    InboxEntry {
-                        conversation_id,
-                        seq: m.seq,
-                    },
-                )
-            })
-            .collect();
-        let mut updated = conv.clone();
-        updated.head = taken.last().map_or(conv.head, |m| m.seq);
-        if let Err(e) = self
-            .registry
-            .store()
-            .append_inbox(self.id, &entries, &updated)
-        {
+        let run = InboxRun {
+            conversation_id,
+            seqs: taken.iter().map(|m| m.seq).collect(),
+        };
+        // A conversation is on disk once its first run is: head 0 means new to the user.
+        let new_conversation = head == 0;
+        let mut updated =
+            self.conversations
+                .get(&conversation_id)
+                .cloned()
+                .unwrap_or(UserConversation {
+                    conversation_id,
+                    peer_id: peer,
+                    kind,
+                    head,
+                });
+        updated.head = taken.last().map_or(head, |m| m.seq);
+        let upto = first + take as u64 - 1;
+        // The conversation's record is written when it is new to the user (its kind and
+        // peer must be on disk before any of its entries), and every head at a
+        // checkpoint; otherwise the run alone records the progress.
+        let checkpoint = upto - self.heads_at >= CHECKPOINT_EVERY;
+        let mut records: Vec<&UserConversation> = Vec::new();
+        if checkpoint {
+            records.extend(
+                self.dirty_heads
+                    .iter()
+                    .filter(|c| **c != conversation_id)
+                    .filter_map(|c| self.conversations.get(c)),
+            );
+        }
+        if checkpoint || new_conversation {
+            records.push(&updated);
+        }
+        if let Err(e) = self.registry.store().append_inbox(
+            self.id,
+            first,
+            &run,
+            &records,
+            checkpoint.then_some(upto),
+        ) {
             return done(Err(e.into()));
         }
-        *conv = updated;
+        if checkpoint {
+            self.heads_at = upto;
+            self.dirty_heads.clear();
+        } else {
+            self.dirty_heads.insert(conversation_id);
+        }
+        self.conversations.insert(conversation_id, updated);
         self.next_inbox += take as u64;
-        let upto = self.next_inbox - 1;
         self.unflushed
             .extend(taken.iter().cloned().zip(first..).map(|(m, s)| (s, m)));
         let stored_at = taken
@@ -590,6 +634,35 @@ impl UserActor {
             }
             Ok(act.appended(conversation_id))
         })
+    }
+
+    /// Stores every conversation head that moved since the last checkpoint, so the next
+    /// load replays nothing. Not awaited: if it is lost, the next load replays the runs
+    /// past the previous checkpoint instead. (Not on a crash or a handoff, which may
+    /// already be copying this user's records.)
+    fn checkpoint(&mut self) {
+        if self.dirty_heads.is_empty() {
+            return;
+        }
+        let at = self.next_inbox - 1;
+        let records: Vec<&UserConversation> = self
+            .dirty_heads
+            .iter()
+            .filter_map(|c| self.conversations.get(c))
+            .collect();
+        match self
+            .registry
+            .store()
+            .checkpoint_heads(self.id, &records, at)
+        {
+            Ok(()) => {
+                self.heads_at = at;
+                self.dirty_heads.clear();
+            }
+            Err(e) => {
+                tracing::warn!(user = %self.id, error = %e, "cannot store conversation heads")
+            }
+        }
     }
 
     /// Push notifications for messages others sent, while no session of ours is live.
@@ -697,6 +770,7 @@ impl Actor for UserActor {
                 && act.unflushed.is_empty()
                 && act.last_call.elapsed() >= IDLE_AFTER
             {
+                act.checkpoint();
                 ctx.stop();
             }
         });

@@ -228,7 +228,7 @@ impl Router {
 
     /// Whether `user` lives on this node.
     pub fn homed_here(&self, user: UserId) -> bool {
-        matches!(self.home(&user.ring_key()), Ok(Home::Here))
+        self.membership().home(user.ring_key().as_bytes()) == Some(self.node_id.as_str())
     }
 
     /// Whether a call for `user` can reach its home now (here, or over a link that is
@@ -1192,6 +1192,10 @@ where
 impl Route for Router {
     fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    fn homed_here(&self, user: UserId) -> bool {
+        Router::homed_here(self, user)
     }
 
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {

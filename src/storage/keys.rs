@@ -8,11 +8,12 @@
 //! ```text
 //! users tree          user(16) 00                     -> UserRecord
 //!                     user(16) 01 token_sha256(32)    -> TokenRecord
-//!                     user(16) 02 inbox_seq(8 BE)     -> InboxEntry
+//!                     user(16) 02 inbox_seq(8 BE)     -> InboxRun (entries from inbox_seq on)
 //!                     user(16) 03 conversation(16)    -> UserConversation
 //!                     user(16) 04 contact(16)         -> added at (i64 ms)
 //!                     user(16) 05                     -> KeyBundle
 //!                     user(16) 06 prekey_seq(8 BE)    -> one-time prekey (String)
+//!                     user(16) 07                     -> heads checkpoint: inbox seq (u64)
 //! handles tree        handle (UTF-8)                  -> user(16)
 //! conversations tree  conv(16) 00                     -> ConversationRecord
 //!                     conv(16) 01 seq(8 BE)           -> MessageRecord
@@ -21,6 +22,8 @@
 //!                     conv(16) 04                     -> fanned-out seq (u64)
 //!                     conv(16) 05                     -> GroupMembership (groups only)
 //! fanout tree         conv(16)                        -> (empty): fan-out pending
+//! meta tree           "format"                        -> storage format (u32)
+//!                     "ring_state"                    -> RingRecord
 //! media tree          media(16) 00                    -> MediaRecord
 //!                     media(16) 01 conv(16)           -> (empty): referenced there
 //! groups tree         group(16) 00                    -> GroupRecord
@@ -34,6 +37,7 @@ pub const USER_CONVERSATION: u8 = 0x03;
 pub const USER_CONTACT: u8 = 0x04;
 pub const USER_KEYS: u8 = 0x05;
 pub const USER_PREKEY: u8 = 0x06;
+pub const USER_HEADS: u8 = 0x07;
 
 pub const MEDIA_RECORD: u8 = 0x00;
 pub const MEDIA_REF: u8 = 0x01;

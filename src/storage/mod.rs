@@ -23,7 +23,7 @@ pub use error::StorageError;
 pub use media::MediaWriter;
 pub use records::{
     ConversationKind, ConversationRecord, GroupEvent, GroupMember, GroupMembership, GroupRecord,
-    GroupRole, InboxEntry, KeyBundle, MediaRecord, MemberSpan, MessageKind, MessageRecord,
-    RingRecord, TokenRecord, UserConversation, UserRecord, Watermarks,
+    GroupRole, InboxEntry, InboxRun, KeyBundle, MediaRecord, MemberSpan, MessageKind,
+    MessageRecord, RingRecord, TokenRecord, UserConversation, UserRecord, Watermarks,
 };
 pub use store::{EntityCounts, EntityDump, EntityKey, Store};

@@ -71,8 +71,20 @@ pub struct InboxEntry {
     pub seq: u64,
 }
 
+/// The inbox entries one append wrote, stored as one record under the inbox seq of the
+/// first: entry `i` is inbox seq `first + i`, message `seqs[i]` of `conversation_id`.
+/// One record per append instead of one per message: a busy inbox takes one write for
+/// every run a conversation sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxRun {
+    pub conversation_id: ConversationId,
+    pub seqs: Vec<u64>,
+}
+
 /// A conversation as one member sees it: its kind and the highest seq appended to the
-/// member's inbox (`head`), which makes the inbox append idempotent.
+/// member's inbox (`head`), which makes the inbox append idempotent. The stored `head`
+/// is exact up to the user's heads checkpoint (`Store::heads_at`); inbox runs past the
+/// checkpoint raise it when the user is loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserConversation {
     pub conversation_id: ConversationId,

@@ -2,7 +2,7 @@
 //!
 //! Methods that write several records of one entity use one `sled::Batch`, which sled
 //! applies atomically: a crash never leaves a message without its idempotency entry, or
-//! an inbox entry without the head that makes its append idempotent.
+//! an inbox run without the conversation record its recovery needs.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -21,6 +21,11 @@ type Result<T> = std::result::Result<T, StorageError>;
 
 /// Memory sled may use for its page cache.
 const CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The layout this build writes, kept in the `meta` tree. 1 (no key): one inbox record
+/// per entry; 2: one per append (`InboxRun`). Older data is rewritten when opened.
+const FORMAT: u32 = 2;
+const FORMAT_KEY: &[u8] = b"format";
 
 /// A node's database. Cheap to clone; all clones share one sled instance and flusher.
 #[derive(Clone)]
@@ -57,7 +62,7 @@ impl Store {
         let media_dir = dir.join("media");
         std::fs::create_dir_all(&media_dir)?;
         super::media::sweep_tmp(&media_dir);
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 users: db.open_tree("users")?,
                 handles: db.open_tree("handles")?,
@@ -71,7 +76,54 @@ impl Store {
                 media_lock: tokio::sync::Mutex::new(()),
                 committer,
             }),
-        })
+        };
+        store.upgrade()?;
+        Ok(store)
+    }
+
+    /// Brings data written by an older build to `FORMAT`, durably, before anything
+    /// reads it.
+    fn upgrade(&self) -> Result<()> {
+        let format: u32 = get(&self.inner.meta, "meta", FORMAT_KEY)?.unwrap_or(1);
+        if format > FORMAT {
+            return Err(corrupt(
+                "meta",
+                FORMAT_KEY,
+                &format!("storage format {format} is newer than this build's ({FORMAT})"),
+            ));
+        }
+        if format == FORMAT {
+            return Ok(());
+        }
+        // Format 1 kept one `InboxEntry` per inbox seq: each becomes a run of one. Its
+        // conversation heads were exact, so no heads checkpoint is needed (a missing one
+        // reads as 0: the next load replays the inbox once and writes one).
+        let users = &self.inner.users;
+        let mut batch = Batch::default();
+        let mut rewritten = 0u64;
+        for item in users.iter() {
+            let (k, v) = item?;
+            if k.get(16) != Some(&USER_INBOX) || seq_suffix(&k).is_none() {
+                continue;
+            }
+            let old: InboxEntry = decode("users", &k, &v)?;
+            let run = InboxRun {
+                conversation_id: old.conversation_id,
+                seqs: vec![old.seq],
+            };
+            batch.insert(k, encode(&run)?);
+            rewritten += 1;
+        }
+        users.apply_batch(batch)?;
+        self.inner.meta.insert(FORMAT_KEY, encode(&FORMAT)?)?;
+        self.inner.meta.flush()?;
+        tracing::info!(
+            from = format,
+            to = FORMAT,
+            inbox_entries = rewritten,
+            "storage format upgraded"
+        );
+        Ok(())
     }
 
     /// Resolves when every write made before the call is flushed to disk (group commit).
@@ -302,8 +354,9 @@ impl Store {
         let prefix = tagged(user.as_bytes(), USER_INBOX);
         match self.inner.users.scan_prefix(&prefix).next_back() {
             Some(item) => {
-                let (k, _) = item?;
-                seq_suffix(&k).ok_or_else(|| corrupt("users", &k, "inbox key length"))
+                let (k, v) = item?;
+                let (first, run) = decode_run(&k, &v)?;
+                Ok(first + run.seqs.len() as u64 - 1)
             }
             None => Ok(0),
         }
@@ -317,18 +370,104 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<(u64, InboxEntry)>> {
-        if after >= upto {
+        if after >= upto || limit == 0 {
             return Ok(Vec::new());
         }
-        let lo = with_seq(user.as_bytes(), USER_INBOX, after.saturating_add(1));
-        let hi = with_seq(user.as_bytes(), USER_INBOX, upto);
+        let id = user.as_bytes();
+        let want = after.saturating_add(1);
+        // The run holding `want` starts at or before it: the last run key <= want.
+        let start = match self
+            .inner
+            .users
+            .range(with_seq(id, USER_INBOX, 0)..=with_seq(id, USER_INBOX, want))
+            .next_back()
+        {
+            Some(item) => item?.0.to_vec(),
+            None => with_seq(id, USER_INBOX, want),
+        };
         let mut out = Vec::new();
-        for item in self.inner.users.range(lo..=hi).take(limit) {
+        for item in self
+            .inner
+            .users
+            .range(start..=with_seq(id, USER_INBOX, upto))
+        {
             let (k, v) = item?;
-            let seq = seq_suffix(&k).ok_or_else(|| corrupt("users", &k, "inbox key length"))?;
-            out.push((seq, decode("users", &k, &v)?));
+            let (first, run) = decode_run(&k, &v)?;
+            for (inbox_seq, seq) in (first..).zip(run.seqs) {
+                if inbox_seq <= after {
+                    continue;
+                }
+                if inbox_seq > upto || out.len() == limit {
+                    return Ok(out);
+                }
+                out.push((
+                    inbox_seq,
+                    InboxEntry {
+                        conversation_id: run.conversation_id,
+                        seq,
+                    },
+                ));
+            }
         }
         Ok(out)
+    }
+
+    /// The inbox seq up to which the stored conversation heads of `user` are exact (see
+    /// [`UserConversation`]).
+    pub fn heads_at(&self, user: UserId) -> Result<u64> {
+        Ok(get(
+            &self.inner.users,
+            "users",
+            &tagged(user.as_bytes(), USER_HEADS),
+        )?
+        .unwrap_or(0))
+    }
+
+    /// Appends one run to the inbox, from inbox seq `first` on, with the conversation
+    /// records in `records` (a conversation new to the user, or every head of a
+    /// checkpoint) and the new checkpoint `heads_at`, all atomically.
+    pub fn append_inbox(
+        &self,
+        user: UserId,
+        first: u64,
+        run: &InboxRun,
+        records: &[&UserConversation],
+        heads_at: Option<u64>,
+    ) -> Result<()> {
+        let id = user.as_bytes();
+        let mut batch = Batch::default();
+        batch.insert(with_seq(id, USER_INBOX, first), encode(run)?);
+        for rec in records {
+            batch.insert(
+                with_parts(id, USER_CONVERSATION, &[rec.conversation_id.as_bytes()]),
+                encode(*rec)?,
+            );
+        }
+        if let Some(at) = heads_at {
+            batch.insert(tagged(id, USER_HEADS), encode(&at)?);
+        }
+        self.inner.users.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Writes a heads checkpoint: `records`' heads are exact up to inbox seq `at`.
+    pub fn checkpoint_heads(
+        &self,
+        user: UserId,
+        records: &[&UserConversation],
+        at: u64,
+    ) -> Result<()> {
+        let id = user.as_bytes();
+        let mut batch = Batch::default();
+        for rec in records {
+            batch.insert(
+                with_parts(id, USER_CONVERSATION, &[rec.conversation_id.as_bytes()]),
+                encode(*rec)?,
+            );
+        }
+        batch.insert(tagged(id, USER_HEADS), encode(&at)?);
+        self.inner.users.apply_batch(batch)?;
+        Ok(())
     }
 
     pub fn user_conversations(&self, user: UserId) -> Result<Vec<UserConversation>> {
@@ -341,32 +480,6 @@ impl Store {
                 decode("users", &k, &v)
             })
             .collect()
-    }
-
-    /// Appends `entries` to the inbox and records the conversation's new head, atomically.
-    pub fn append_inbox(
-        &self,
-        user: UserId,
-        entries: &[(u64, InboxEntry)],
-        conversation: &UserConversation,
-    ) -> Result<()> {
-        let mut batch = Batch::default();
-        for (inbox_seq, entry) in entries {
-            batch.insert(
-                with_seq(user.as_bytes(), USER_INBOX, *inbox_seq),
-                encode(entry)?,
-            );
-        }
-        batch.insert(
-            with_parts(
-                user.as_bytes(),
-                USER_CONVERSATION,
-                &[conversation.conversation_id.as_bytes()],
-            ),
-            encode(conversation)?,
-        );
-        self.inner.users.apply_batch(batch)?;
-        Ok(())
     }
 
     // ---- conversations --------------------------------------------------------------
@@ -949,6 +1062,16 @@ fn corrupt(tree: &'static str, key: &[u8], reason: &str) -> StorageError {
     }
 }
 
+/// An inbox record: the inbox seq of its first entry, and the run.
+fn decode_run(key: &[u8], value: &[u8]) -> Result<(u64, InboxRun)> {
+    let first = seq_suffix(key).ok_or_else(|| corrupt("users", key, "inbox key length"))?;
+    let run: InboxRun = decode("users", key, value)?;
+    if run.seqs.is_empty() {
+        return Err(corrupt("users", key, "empty inbox run"));
+    }
+    Ok((first, run))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1022,34 +1145,114 @@ mod tests {
         assert_eq!(store.claim_handle("alice", b).unwrap(), None);
     }
 
-    #[tokio::test]
-    async fn inbox_append_is_atomic_and_ordered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (u, cid) = (UserId::random(), ConversationId(Uuid::new_v4()));
-        let entries: Vec<_> = (1..=300)
-            .map(|i| {
-                (
-                    i,
-                    InboxEntry {
-                        conversation_id: cid,
-                        seq: i,
-                    },
-                )
-            })
-            .collect();
+    /// Appends runs of the given lengths for one conversation, numbering messages 1, 2...
+    fn append_runs(store: &Store, u: UserId, cid: ConversationId, lens: &[u64]) {
         let conv = UserConversation {
             conversation_id: cid,
             kind: ConversationKind::Direct,
             peer_id: Some(u),
-            head: 300,
+            head: 0,
         };
-        store.append_inbox(u, &entries, &conv).unwrap();
+        let mut next = 1;
+        for (i, len) in lens.iter().enumerate() {
+            let run = InboxRun {
+                conversation_id: cid,
+                seqs: (next..next + len).collect(),
+            };
+            let records = if i == 0 { vec![&conv] } else { vec![] };
+            store.append_inbox(u, next, &run, &records, None).unwrap();
+            next += len;
+        }
+    }
+
+    #[tokio::test]
+    async fn inbox_runs_read_as_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (u, cid) = (UserId::random(), ConversationId(Uuid::new_v4()));
+        assert_eq!(store.inbox_head(u).unwrap(), 0);
+        append_runs(&store, u, cid, &[1, 7, 256, 36]);
         assert_eq!(store.inbox_head(u).unwrap(), 300);
+        let all = store.inbox_range(u, 0, 300, usize::MAX).unwrap();
+        let seqs: Vec<u64> = all.iter().map(|e| e.0).collect();
+        assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+        assert!(all
+            .iter()
+            .all(|(i, e)| e.seq == *i && e.conversation_id == cid));
+        // Pages that start and end inside runs.
         let page = store.inbox_range(u, 255, 300, 10).unwrap();
         assert_eq!(page.first().map(|e| e.0), Some(256));
         assert_eq!(page.len(), 10);
         assert_eq!(store.inbox_range(u, 298, 299, 10).unwrap().len(), 1);
+        assert_eq!(
+            store
+                .inbox_range(u, 3, 9, 100)
+                .unwrap()
+                .iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>(),
+            (4..=9).collect::<Vec<_>>()
+        );
+        assert!(store.inbox_range(u, 300, 400, 10).unwrap().is_empty());
+        // Another user's inbox is not read.
+        assert!(store
+            .inbox_range(UserId::random(), 0, 300, 10)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_format_1_inbox_is_upgraded_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (u, cid) = (UserId::random(), ConversationId(Uuid::new_v4()));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // What format 1 wrote: one `InboxEntry` per inbox seq, and no format key.
+            for i in 1..=5u64 {
+                let entry = InboxEntry {
+                    conversation_id: cid,
+                    seq: 10 + i,
+                };
+                store
+                    .inner
+                    .users
+                    .insert(
+                        with_seq(u.as_bytes(), USER_INBOX, i),
+                        encode(&entry).unwrap(),
+                    )
+                    .unwrap();
+            }
+            store.inner.meta.remove(FORMAT_KEY).unwrap();
+            store.commit(1).await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.inbox_head(u).unwrap(), 5);
+        let entries = store.inbox_range(u, 0, 5, 10).unwrap();
+        assert_eq!(
+            entries.iter().map(|(i, e)| (*i, e.seq)).collect::<Vec<_>>(),
+            (1..=5).map(|i| (i, 10 + i)).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            get::<u32>(&store.inner.meta, "meta", FORMAT_KEY).unwrap(),
+            Some(FORMAT)
+        );
+    }
+
+    #[tokio::test]
+    async fn heads_checkpoint_is_stored_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (u, cid) = (UserId::random(), ConversationId(Uuid::new_v4()));
+        assert_eq!(store.heads_at(u).unwrap(), 0);
+        append_runs(&store, u, cid, &[3]);
+        let conv = UserConversation {
+            conversation_id: cid,
+            kind: ConversationKind::Direct,
+            peer_id: Some(u),
+            head: 3,
+        };
+        store.checkpoint_heads(u, &[&conv], 3).unwrap();
+        assert_eq!(store.heads_at(u).unwrap(), 3);
         assert_eq!(store.user_conversations(u).unwrap(), vec![conv]);
     }
 
