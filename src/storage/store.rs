@@ -434,18 +434,8 @@ impl Store {
         records: &[&UserConversation],
         heads_at: Option<u64>,
     ) -> Result<()> {
-        let id = user.as_bytes();
-        let mut batch = Batch::default();
-        batch.insert(with_seq(id, USER_INBOX, first), encode(run)?);
-        for rec in records {
-            batch.insert(
-                with_parts(id, USER_CONVERSATION, &[rec.conversation_id.as_bytes()]),
-                encode(*rec)?,
-            );
-        }
-        if let Some(at) = heads_at {
-            batch.insert(tagged(id, USER_HEADS), encode(&at)?);
-        }
+        let mut batch = heads_batch(user, records, heads_at)?;
+        batch.insert(with_seq(user.as_bytes(), USER_INBOX, first), encode(run)?);
         self.inner.users.apply_batch(batch)?;
         Ok(())
     }
@@ -457,16 +447,9 @@ impl Store {
         records: &[&UserConversation],
         at: u64,
     ) -> Result<()> {
-        let id = user.as_bytes();
-        let mut batch = Batch::default();
-        for rec in records {
-            batch.insert(
-                with_parts(id, USER_CONVERSATION, &[rec.conversation_id.as_bytes()]),
-                encode(*rec)?,
-            );
-        }
-        batch.insert(tagged(id, USER_HEADS), encode(&at)?);
-        self.inner.users.apply_batch(batch)?;
+        self.inner
+            .users
+            .apply_batch(heads_batch(user, records, Some(at))?)?;
         Ok(())
     }
 
@@ -1060,6 +1043,22 @@ fn corrupt(tree: &'static str, key: &[u8], reason: &str) -> StorageError {
         key: keys::show(key),
         reason: reason.to_string(),
     }
+}
+
+/// A batch writing `user`'s conversation `records` and, with `at`, its heads checkpoint.
+fn heads_batch(user: UserId, records: &[&UserConversation], at: Option<u64>) -> Result<Batch> {
+    let id = user.as_bytes();
+    let mut batch = Batch::default();
+    for rec in records {
+        batch.insert(
+            with_parts(id, USER_CONVERSATION, &[rec.conversation_id.as_bytes()]),
+            encode(*rec)?,
+        );
+    }
+    if let Some(at) = at {
+        batch.insert(tagged(id, USER_HEADS), encode(&at)?);
+    }
+    Ok(batch)
 }
 
 /// An inbox record: the inbox seq of its first entry, and the run.
