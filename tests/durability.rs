@@ -209,3 +209,58 @@ async fn acked_messages_survive_kill9() {
         "the retries stored nothing new"
     );
 }
+
+/// An inbox's conversation heads are stored only at checkpoints (every 4,096 entries)
+/// and recovered from the inbox past the last one. After a kill -9 with about a hundred
+/// entries past a checkpoint, the recovered head must be exact: a stale one would take
+/// re-sent messages again (duplicates) or refuse the next (a stuck inbox).
+#[tokio::test]
+async fn inbox_heads_are_recovered_past_their_checkpoint() {
+    const N: usize = 4200;
+    const WINDOW: usize = 256;
+    let mut node = Node::start("sends_per_second = 100000").await;
+    let s = node.user("hs").await;
+    let r = node.user("hr").await;
+    let mut sw = node.ws(&s.token).await;
+    let mut cid = String::new();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(WINDOW) {
+        let cmids: Vec<String> = chunk.iter().map(|_| new_uuid()).collect();
+        for (i, cmid) in chunk.iter().zip(&cmids) {
+            sw.send_json(&json!({"type":"send","client_msg_id":cmid,"to_user":r.id,
+                                 "body":format!("m{i}")}))
+                .await;
+        }
+        for cmid in &cmids {
+            cid = str_field(&sw.ack_for(cmid).await, "conversation_id").to_string();
+        }
+    }
+    node.kill9();
+    drop(sw);
+    node.restart().await;
+
+    let mut sw = node.ws(&s.token).await;
+    let next = sw.send_to_user(&r.id, "after restart").await;
+    assert_eq!(next["seq"].as_u64(), Some(N as u64 + 1));
+    let mut rw = node.ws(&r.token).await;
+    let got = rw.sync_n(0, N + 1).await;
+    let inbox: Vec<u64> = got
+        .messages
+        .iter()
+        .map(|f| u64_field(f, "inbox_seq"))
+        .collect();
+    assert_eq!(inbox, (1..=N as u64 + 1).collect::<Vec<_>>(), "inbox_seq");
+    let seqs: Vec<u64> = got
+        .messages
+        .iter()
+        .map(|f| {
+            assert_eq!(f["message"]["conversation_id"].as_str(), Some(cid.as_str()));
+            u64_field(&f["message"], "seq")
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=N as u64 + 1).collect::<Vec<_>>(),
+        "each message once, in order, in the recipient's inbox"
+    );
+    rw.expect_no_frame_for(QUIET_MS).await;
+}

@@ -200,17 +200,19 @@ impl ConversationActor {
     /// The next run of seqs `user` should receive after `done`: `(from, upto, prev)`,
     /// `prev` being the entitled seq its inbox must already hold.
     ///
-    /// A member homed on this node may be sent messages that are written but not yet
+    /// A member served on this node may be sent messages that are written but not yet
     /// flushed: its inbox append lands in the same store after them, and it shows
     /// nothing until a flush covers the append, which then covers the messages too.
-    /// Delivery so waits for one flush, not two. A member elsewhere gets only flushed
-    /// messages: its node's flush covers nothing of ours.
+    /// Delivery so waits for one flush, not two. A member elsewhere (or being moved,
+    /// or handed off, in a ring change) gets only flushed messages: another node's
+    /// flush covers nothing of ours. (A call that starts here and is then held for a
+    /// move is safe too: the move commits here before held calls go on.)
     fn run_for(&self, user: UserId, done: u64) -> Option<(u64, u64, u64)> {
         let stays = self.stays(user);
         let written_here = || {
             self.registry
                 .route()
-                .is_some_and(|route| route.homed_here(user))
+                .is_some_and(|route| route.served_here(user))
         };
         let upto = if self.durable_seq < self.last_seq && written_here() {
             self.last_seq

@@ -30,9 +30,10 @@ pub enum Delivery {
 pub trait Route: Send + Sync + 'static {
     /// This node's id.
     fn node_id(&self) -> &str;
-    /// Whether `user`'s home is this node now: its writes then go to this node's
-    /// store, and any flush that covers them covers every earlier write here too.
-    fn homed_here(&self, user: UserId) -> bool;
+    /// Whether calls for `user` are served on this node now (its writes then go to
+    /// this node's store, and any flush that covers them covers every earlier write
+    /// here too). False while the user is being moved or has been handed off.
+    fn served_here(&self, user: UserId) -> bool;
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply>;
     fn conversation(&self, id: ConversationId, req: ConversationRequest)
         -> Call<ConversationReply>;

@@ -641,10 +641,10 @@ impl UserActor {
     /// past the previous checkpoint instead. (Not on a crash or a handoff, which may
     /// already be copying this user's records.)
     fn checkpoint(&mut self) {
-        if self.dirty_heads.is_empty() {
+        let at = self.next_inbox - 1;
+        if self.dirty_heads.is_empty() && self.heads_at >= at {
             return;
         }
-        let at = self.next_inbox - 1;
         let records: Vec<&UserConversation> = self
             .dirty_heads
             .iter()

@@ -148,6 +148,10 @@ async fn send_batch(
     batch: &[(EntityKey, String)],
     moved_files: &std::sync::Mutex<Vec<String>>,
 ) -> Result<(), ActorError> {
+    // Only durable data leaves: an inbox run may name messages written but not yet
+    // flushed here (see `ConversationActor::run_for`), if the append that wrote it
+    // timed out before its own flush.
+    store.commit(0).await?;
     let mut part = Vec::new();
     let mut part_bytes = 0;
     let mut files = Vec::new();

@@ -226,9 +226,14 @@ impl Router {
         &self.registry
     }
 
-    /// Whether `user` lives on this node.
-    pub fn homed_here(&self, user: UserId) -> bool {
-        self.membership().home(user.ring_key().as_bytes()) == Some(self.node_id.as_str())
+    /// Whether calls for `user` are served on this node now. Not merely whether the
+    /// committed ring homes it here: during a ring change a user already handed off is
+    /// forwarded to its next home, and one being moved is held.
+    pub fn served_here(&self, user: UserId) -> bool {
+        matches!(
+            self.membership().place(user.ring_key().as_bytes()),
+            Place::Here { .. }
+        )
     }
 
     /// Whether a call for `user` can reach its home now (here, or over a link that is
@@ -1194,8 +1199,8 @@ impl Route for Router {
         &self.node_id
     }
 
-    fn homed_here(&self, user: UserId) -> bool {
-        Router::homed_here(self, user)
+    fn served_here(&self, user: UserId) -> bool {
+        Router::served_here(self, user)
     }
 
     fn user(&self, id: UserId, req: UserRequest) -> Call<UserReply> {

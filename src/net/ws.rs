@@ -933,7 +933,7 @@ impl Actor for WsSession {
         ctx.run_interval(ATTACH_CHECK, |act, ctx| {
             // Only another node's actor can drop it unannounced: a user homed here
             // detaches a session only when it is gone or is being closed.
-            if act.router.homed_here(act.user) {
+            if act.router.served_here(act.user) {
                 return;
             }
             let check = act.router.user(

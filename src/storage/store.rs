@@ -26,6 +26,8 @@ const CACHE_BYTES: u64 = 256 * 1024 * 1024;
 /// per entry; 2: one per append (`InboxRun`). Older data is rewritten when opened.
 const FORMAT: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format";
+/// Inbox records rewritten per batch by the format upgrade.
+const UPGRADE_CHUNK: usize = 10_000;
 
 /// A node's database. Cheap to clone; all clones share one sled instance and flusher.
 #[derive(Clone)]
@@ -96,25 +98,52 @@ impl Store {
             return Ok(());
         }
         // Format 1 kept one `InboxEntry` per inbox seq: each becomes a run of one. Its
-        // conversation heads were exact, so no heads checkpoint is needed (a missing one
-        // reads as 0: the next load replays the inbox once and writes one).
+        // conversation heads were exact, so each user gets a heads checkpoint at its
+        // inbox head. Written in chunks (a node's inboxes need not fit in memory), and
+        // safe to run again after a crash part-way: a value that already reads as a run
+        // is left alone, and the format key is written last.
         let users = &self.inner.users;
         let mut batch = Batch::default();
+        let mut in_batch = 0usize;
         let mut rewritten = 0u64;
+        let mut last: Option<([u8; 16], u64)> = None;
+        let checkpoint = |batch: &mut Batch, last: Option<([u8; 16], u64)>| -> Result<()> {
+            if let Some((user, head)) = last {
+                batch.insert(tagged(&user, USER_HEADS), encode(&head)?);
+            }
+            Ok(())
+        };
         for item in users.iter() {
             let (k, v) = item?;
-            if k.get(16) != Some(&USER_INBOX) || seq_suffix(&k).is_none() {
+            let Some(inbox_seq) = seq_suffix(&k).filter(|_| k.get(16) == Some(&USER_INBOX)) else {
                 continue;
-            }
-            let old: InboxEntry = decode("users", &k, &v)?;
-            let run = InboxRun {
-                conversation_id: old.conversation_id,
-                seqs: vec![old.seq],
             };
-            batch.insert(k, encode(&run)?);
-            rewritten += 1;
+            let user: [u8; 16] = k[..16]
+                .try_into()
+                .map_err(|_| corrupt("users", &k, "key length"))?;
+            if last.is_some_and(|(u, _)| u != user) {
+                checkpoint(&mut batch, last)?;
+            }
+            if decode::<InboxRun>("users", &k, &v).is_err() {
+                let old: InboxEntry = decode("users", &k, &v)?;
+                let run = InboxRun {
+                    conversation_id: old.conversation_id,
+                    seqs: vec![old.seq],
+                };
+                batch.insert(k, encode(&run)?);
+                rewritten += 1;
+            }
+            last = Some((user, inbox_seq));
+            in_batch += 1;
+            if in_batch >= UPGRADE_CHUNK {
+                users.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
         }
+        checkpoint(&mut batch, last)?;
         users.apply_batch(batch)?;
+        // The rewritten records reach the disk before the key that says they are done.
+        self.inner.meta.flush()?;
         self.inner.meta.insert(FORMAT_KEY, encode(&FORMAT)?)?;
         self.inner.meta.flush()?;
         tracing::info!(
@@ -1224,17 +1253,29 @@ mod tests {
             store.inner.meta.remove(FORMAT_KEY).unwrap();
             store.commit(1).await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.inbox_head(u).unwrap(), 5);
-        let entries = store.inbox_range(u, 0, 5, 10).unwrap();
-        assert_eq!(
-            entries.iter().map(|(i, e)| (*i, e.seq)).collect::<Vec<_>>(),
-            (1..=5).map(|i| (i, 10 + i)).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            get::<u32>(&store.inner.meta, "meta", FORMAT_KEY).unwrap(),
-            Some(FORMAT)
-        );
+        let check = |store: &Store| {
+            assert_eq!(store.inbox_head(u).unwrap(), 5);
+            let entries = store.inbox_range(u, 0, 5, 10).unwrap();
+            assert_eq!(
+                entries.iter().map(|(i, e)| (*i, e.seq)).collect::<Vec<_>>(),
+                (1..=5).map(|i| (i, 10 + i)).collect::<Vec<_>>()
+            );
+            // Format 1's heads were exact: the checkpoint says so.
+            assert_eq!(store.heads_at(u).unwrap(), 5);
+            assert_eq!(
+                get::<u32>(&store.inner.meta, "meta", FORMAT_KEY).unwrap(),
+                Some(FORMAT)
+            );
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            check(&store);
+            // A crash before the format key was written: the upgrade runs again over
+            // records it already rewrote, and leaves them as they are.
+            store.inner.meta.remove(FORMAT_KEY).unwrap();
+            store.commit(1).await.unwrap();
+        }
+        check(&Store::open(dir.path()).unwrap());
     }
 
     #[tokio::test]
