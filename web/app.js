@@ -10,6 +10,8 @@ import { api, Client, directConversationId } from "./client.js";
 
 const SESSION_KEY = "switchboard.session";
 const GROUP_NAMES_KEY = "switchboard.groupNames";
+/** cid -> {name, last}: what this device knew of groups the user is no longer in. */
+const FORMER_KEY = "switchboard.formerGroups";
 const PAGE = 50;
 const TYPING_SHOWN_MS = 4000;
 const INLINE_IMAGE_MAX_BYTES = 16 * 1024 * 1024;
@@ -98,6 +100,7 @@ function conversation(cid) {
 }
 
 function addMessage(c, m) {
+  if (m.kind === "system") c.joins = null;
   c.msgs.set(m.seq, m);
   if (!c.last || m.seq >= c.last.seq) c.last = m;
   c.lastSeq = Math.max(c.lastSeq, m.seq);
@@ -162,6 +165,36 @@ function groupNames() {
   }
 }
 
+function formerGroups() {
+  try {
+    return JSON.parse(localStorage.getItem(FORMER_KEY) || "{}");
+  } catch {
+    return {};
+  }
+}
+
+/** Keeps, on this device, the name and last message of a group the user is no longer in. */
+function rememberFormer(c) {
+  if (!c.left || c.kind !== "group") return;
+  const all = formerGroups();
+  const known = all[c.cid] || {};
+  all[c.cid] = {
+    name: c.group?.name || groupNames()[c.groupId] || known.name || null,
+    last: c.last || known.last || null,
+  };
+  try {
+    localStorage.setItem(FORMER_KEY, JSON.stringify(all));
+  } catch {
+    /* a nicety */
+  }
+}
+
+/** A former group's history cannot be read any more: show what this device kept. */
+function restoreFormer(c) {
+  const f = formerGroups()[c.cid];
+  if (f?.last && f.last.seq <= c.lastSeq && !c.msgs.has(f.last.seq)) addMessage(c, f.last);
+}
+
 /** A user's name as shown: "You" for oneself; loads unknown users and redraws. */
 function nameOf(uid, capital = true) {
   if (me && uid === me.user_id) return capital ? "You" : "you";
@@ -189,7 +222,9 @@ function loadUser(uid) {
 
 function title(c) {
   if (c.kind === "direct") return c.peerId === me.user_id ? `${me.display_name} (you)` : nameOf(c.peerId);
-  if (c.kind === "group") return c.group?.name || groupNames()[c.groupId] || "Group";
+  if (c.kind === "group") {
+    return c.group?.name || groupNames()[c.groupId] || formerGroups()[c.cid]?.name || (c.left ? "Former group" : "Group");
+  }
   return "…";
 }
 
@@ -203,6 +238,14 @@ let renderTimer = null;
 let stickToBottom = false;
 /** Set while older messages are prepended: the scroll offset to keep. */
 let keepOffsetFrom = null;
+
+/** Draws now (e.g. before moving the focus into what is drawn). */
+function renderNow() {
+  clearTimeout(renderTimer);
+  renderTimer = null;
+  renderList();
+  renderChat();
+}
 
 function render() {
   if (renderTimer) return;
@@ -236,6 +279,8 @@ function reconcile(container, cache, keys, make, update) {
 }
 
 function unread(c) {
+  // A former member can no longer mark anything read: nothing is waiting for it.
+  if (c.left) return 0;
   return Math.max(0, c.lastSeq - c.readSeq);
 }
 
@@ -260,7 +305,7 @@ function preview(c) {
   const pending = pendingIn(c.cid).at(-1);
   const m = c.last;
   if (pending && (!m || pending.createdAt > m.ts)) return { text: `You: ${pending.body || pending.fileInfo?.name || "Attachment"}`, mine: true };
-  if (!m) return { text: "" };
+  if (!m) return { text: c.left ? "You are no longer a member" : "" };
   if (m.kind === "system") return { text: systemText(m) };
   const body = m.body || (m.media.length ? "Attachment" : "");
   if (m.sender_id === me.user_id) return { text: `You: ${body}`, mine: true, state: stateOf(c, m) };
@@ -308,15 +353,41 @@ function renderList() {
 
 /** The state of one of my stored messages: sent, delivered or read, from the receipts. */
 function stateOf(c, m) {
+  // In a group, only the members who were there when it was sent ever get a message.
+  const joins = c.kind === "group" ? joinSeqs(c) : null;
   const others = c.kind === "group"
-    ? (c.group?.members || []).map((x) => x.user_id).filter((id) => id !== me.user_id)
+    ? (c.group?.members || []).map((x) => x.user_id).filter((id) => id !== me.user_id && (joins.get(id) || 0) < m.seq)
     : c.peerId === me.user_id ? [] : [c.peerId];
-  if (!others.length) return { state: "sent", readBy: 0, others: 0 };
   const get = (id) => c.receipts.get(id) || { delivered_seq: 0, read_seq: 0 };
   const readBy = others.filter((id) => get(id).read_seq >= m.seq).length;
   const deliveredTo = others.filter((id) => get(id).delivered_seq >= m.seq).length;
-  const state = readBy === others.length ? "read" : deliveredTo === others.length ? "delivered" : "sent";
-  return { state, readBy, others: others.length };
+  let state = !others.length ? "sent" : readBy === others.length ? "read" : deliveredTo === others.length ? "delivered" : "sent";
+  // Membership changes must never move a tick backwards.
+  if (!c.ticks) c.ticks = new Map();
+  const seen = c.ticks.get(m.seq);
+  if (seen && TICK_RANK[seen.state] > TICK_RANK[state]) state = seen.state;
+  const best = { state, readBy: Math.max(readBy, seen?.readBy || 0) };
+  c.ticks.set(m.seq, best);
+  return { state, readBy: best.readBy, others: others.length };
+}
+
+const TICK_RANK = { sent: 0, delivered: 1, read: 2 };
+
+/** user_id -> seq of the latest `member_added` for them among the loaded messages. */
+function joinSeqs(c) {
+  if (!c.joins) {
+    c.joins = new Map();
+    const sys = [...c.msgs.values()].filter((m) => m.kind === "system").sort((a, b) => a.seq - b.seq);
+    for (const m of sys) {
+      try {
+        const b = JSON.parse(m.body);
+        if (b.event === "member_added") c.joins.set(b.user_id, m.seq);
+      } catch {
+        /* not ours to read */
+      }
+    }
+  }
+  return c.joins;
 }
 
 function tickGlyph(state) {
@@ -380,7 +451,7 @@ function renderChat() {
 
   $("chat-title").textContent = title(c);
   $("chat-sub").textContent = subtitle(c);
-  $("group-info").hidden = c.kind !== "group";
+  $("group-info").hidden = c.kind !== "group" || c.left;
   $("left-note").hidden = !c.left;
   $("composer").hidden = c.left;
 
@@ -486,7 +557,7 @@ function updateMessage(c, node, item) {
     const words = STATE_WORDS[state];
     parts.push(h("span", { class: `tick ${state}`, title: words, "aria-label": words, role: "img" }, tickGlyph(state)));
     if (readBy) {
-      parts.push(h("span", { class: "read-by" }, readBy === status.others ? "Read by all" : `Read by ${readBy}`));
+      parts.push(h("span", { class: "read-by" }, state === "read" ? "Read by all" : `Read by ${readBy}`));
     }
     if (!m && entry.error) {
       parts.push(h("span", { class: "send-error", role: "alert" }, entry.error));
@@ -572,7 +643,7 @@ async function loadAll() {
     const list = await client.call("GET", "/conversations");
     for (const e of list) mergeEntry(e);
     await inBatches(list, 8, (e) => loadDetails(conversation(e.conversation_id)));
-    for (const c of convs.values()) if (c.deliveredSeq < c.lastSeq) client.mark(c.cid, "delivered", c.lastSeq);
+    for (const c of convs.values()) if (!c.left && c.deliveredSeq < c.lastSeq) client.mark(c.cid, "delivered", c.lastSeq);
     watchPeers();
   } catch (e) {
     showError(`Could not load your conversations: ${e.message}`);
@@ -617,8 +688,11 @@ async function inBatches(items, n, f) {
 }
 
 async function loadDetails(c) {
+  // A former member may not read the group any more: learn that first, then stay quiet.
+  if (c.kind === "group" && !c.group) await loadGroup(c);
+  if (c.left) restoreFormer(c);
   const tasks = [];
-  if (!c.last && c.lastSeq > 0) {
+  if (!c.last && c.lastSeq > 0 && !c.left) {
     tasks.push(client.call("GET", `/conversations/${c.cid}/messages?limit=1`).then((r) => {
       for (const m of r.messages) addMessage(c, m);
     }).catch((e) => {
@@ -626,16 +700,18 @@ async function loadDetails(c) {
     }));
   }
   if (c.kind === "direct") tasks.push(loadUser(c.peerId));
-  if (c.kind === "group" && !c.group) tasks.push(loadGroup(c));
   await Promise.all(tasks);
 }
 
 async function loadGroup(c) {
+  if (!c.groupId) return;
   try {
     setGroup(c, await client.call("GET", `/groups/${c.groupId}`));
   } catch (e) {
-    if (e.status === 403) c.left = true;
-    else showError(`Could not load the group: ${e.message}`);
+    if (e.status === 403) {
+      c.left = true;
+      restoreFormer(c);
+    } else showError(`Could not load the group: ${e.message}`);
   }
   render();
 }
@@ -668,8 +744,14 @@ async function openChat(cid) {
   openCid = cid;
   stickToBottom = true;
   const c = conversation(cid);
-  render();
-  $("text").focus();
+  if (c.left) restoreFormer(c);
+  renderNow();
+  if (!c.left) $("text").focus();
+  if (!c.historyLoaded && c.left) {
+    // A former member can no longer read the history: show what is here.
+    c.oldest = c.msgs.size ? Math.min(...c.msgs.keys()) : c.lastSeq + 1;
+    c.historyLoaded = true;
+  }
   if (!c.historyLoaded) {
     try {
       const r = await client.call("GET", `/conversations/${cid}/messages?limit=${PAGE}`);
@@ -678,7 +760,11 @@ async function openChat(cid) {
       c.hasMore = r.messages.length === PAGE;
     } catch (e) {
       // A direct chat whose first message is not sent yet does not exist.
-      if (e.code !== "unknown_conversation") showError(`Could not load the messages: ${e.message}`);
+      // A former group member is refused (403): it is shown read-only, quietly.
+      if (e.status === 403 && c.kind === "group") {
+        c.left = true;
+        restoreFormer(c);
+      } else if (e.code !== "unknown_conversation") showError(`Could not load the messages: ${e.message}`);
       c.oldest = c.msgs.size ? Math.min(...c.msgs.keys()) : 1;
     }
     c.historyLoaded = true;
@@ -739,15 +825,16 @@ function onMessage({ message: m }) {
   const c = conversation(m.conversation_id);
   if (!c.kind) refreshSoon();
   addMessage(c, m);
+  if (m.kind === "system") onSystem(c, m);
   if (m.sender_id === me.user_id) {
     // Sending implies having read what came before.
     c.readSeq = Math.max(c.readSeq, m.seq);
-    client.mark(c.cid, "read", m.seq);
+    // Once out of a group, marks are refused (not_member): send none.
+    if (!c.left) client.mark(c.cid, "read", m.seq);
   } else {
-    client.mark(c.cid, "delivered", m.seq);
+    if (!c.left) client.mark(c.cid, "delivered", m.seq);
     typing.get(c.cid)?.delete(m.sender_id);
   }
-  if (m.kind === "system") onSystem(c, m);
   if (c.cid === openCid) markRead();
   render();
 }
@@ -763,6 +850,12 @@ function onSystem(c, m) {
   if (gone) {
     c.left = true;
     if (c.group) c.group = { ...c.group, members: c.group.members.filter((x) => x.user_id !== me.user_id) };
+    rememberFormer(c);
+    if (c.cid === openCid && $("info-dialog").open) $("info-dialog").close();
+  } else if (b.event === "member_added" && b.user_id === me.user_id) {
+    // Added (back): a new conversation is looked up by refreshSoon (see onMessage).
+    c.left = false;
+    if (c.groupId) loadGroup(c);
   } else if (c.groupId) {
     loadGroup(c);
   }
@@ -931,11 +1024,34 @@ function renderInfo() {
   $("info-members").replaceChildren(...c.group.members.map((x) => h("li", {},
     h("span", {}, nameOf(x.user_id), x.role === "admin" ? h("span", { class: "role" }, " · admin") : null),
     admin && x.user_id !== me.user_id
-      ? h("button", { type: "button", class: "link danger", onclick: () => removeMember(c, x.user_id) }, `Remove ${nameOf(x.user_id, false)}`)
+      ? h("button", {
+        type: "button",
+        class: "link danger",
+        onclick: () => askConfirm(`Remove ${nameOf(x.user_id, false)} from “${c.group.name}”?`, "Yes, remove", () => removeMember(c, x.user_id)),
+      }, `Remove ${nameOf(x.user_id, false)}`)
       : null)));
   $("add-member").hidden = !admin || c.left;
   $("leave").hidden = c.left;
   if (c.left) dialog.querySelector(".error").textContent = "You are no longer a member of this group.";
+}
+
+/** A confirm step inside the group dialog, for what cannot be undone from here. */
+let confirmAction = null;
+
+function askConfirm(text, yes, action) {
+  confirmAction = action;
+  $("info-confirm-text").textContent = text;
+  $("info-confirm-yes").textContent = yes;
+  $("info-confirm").hidden = false;
+  $("info-buttons").hidden = true;
+  // Cancel first: one more Enter changes nothing.
+  $("info-confirm-no").focus();
+}
+
+function closeConfirm() {
+  confirmAction = null;
+  $("info-confirm").hidden = true;
+  $("info-buttons").hidden = false;
 }
 
 async function removeMember(c, uid) {
@@ -945,6 +1061,7 @@ async function removeMember(c, uid) {
     setGroup(c, await client.call("DELETE", `/groups/${c.groupId}/members/${uid}`));
     if (uid === me.user_id) {
       c.left = true;
+      rememberFormer(c);
       dialog.close();
     }
     renderInfo();
@@ -1016,7 +1133,11 @@ async function startSession(s) {
   client.addEventListener("receipt", onReceipt);
   client.addEventListener("presence", onPresence);
   client.addEventListener("typing", onTyping);
-  client.addEventListener("servererror", ({ detail }) => showError(detail.message));
+  client.addEventListener("servererror", ({ detail }) => {
+    // not_member: a mark, typing or presence watch about a group one has left; nothing to do.
+    if (detail.code === "not_member") return;
+    showError(detail.message);
+  });
   client.addEventListener("revoked", ({ detail }) => endSession(detail.message));
   channel = "BroadcastChannel" in window ? new BroadcastChannel(`switchboard.${me.user_id}`) : null;
   if (channel) {
@@ -1051,6 +1172,7 @@ function endSession(message) {
   me = null;
   $("conv-list").replaceChildren();
   $("messages").replaceChildren();
+  $("alerts").replaceChildren();
   $("conn").hidden = true;
   for (const d of document.querySelectorAll("dialog")) d.close();
   showLogin(message);
@@ -1080,13 +1202,49 @@ async function login(ev) {
   const form = ev.target;
   formError(form, "");
   const handle = form.elements.handle.value.trim().toLowerCase();
+  if (!handle || !form.elements.password.value) return formError(form, "Enter your handle and your password.");
   try {
     const s = await api("POST", "/sessions", { json: { handle, password: form.elements.password.value } });
     saveSession(s);
     form.reset();
     await startSession(s);
   } catch (e) {
-    formError(form, e.message);
+    formError(form, accountError(e));
+  }
+}
+
+// The account rules of CONTRACT.md, checked before sending so the words can be plain.
+const HANDLE_RULE = /^[a-z0-9_.-]{3,32}$/;
+const PASSWORD_MIN = 8;
+const PASSWORD_MAX_BYTES = 1024;
+
+function handleProblem(handle) {
+  if (!handle) return "Choose a handle.";
+  if (handle.length < 3) return "Your handle needs at least 3 characters.";
+  if (handle.length > 32) return "Your handle can have at most 32 characters.";
+  if (!HANDLE_RULE.test(handle)) return "A handle can only use the letters a to z, digits, and _ . -";
+  return null;
+}
+
+function passwordProblem(password) {
+  if ([...password].length < PASSWORD_MIN) return `Your password needs at least ${PASSWORD_MIN} characters.`;
+  if (new TextEncoder().encode(password).length > PASSWORD_MAX_BYTES) return "That password is too long.";
+  return null;
+}
+
+/** Plain words for the account errors the form may still get back; anything else as sent. */
+function accountError(e) {
+  switch (e.code) {
+    case "invalid_handle":
+      return "A handle has 3 to 32 characters: the letters a to z, digits, and _ . -";
+    case "invalid_password":
+      return `Your password needs at least ${PASSWORD_MIN} characters.`;
+    case "invalid_display_name":
+      return "A display name has 1 to 64 characters, with no control characters.";
+    case "invalid_credentials":
+      return "That handle and password do not match.";
+    default:
+      return e.message;
   }
 }
 
@@ -1096,6 +1254,8 @@ async function register(ev) {
   formError(form, "");
   const handle = form.elements.handle.value.trim().toLowerCase();
   const password = form.elements.password.value;
+  const problem = handleProblem(handle) || passwordProblem(password);
+  if (problem) return formError(form, problem);
   const json = { handle, password };
   if (form.elements.display_name.value.trim()) json.display_name = form.elements.display_name.value.trim();
   try {
@@ -1105,7 +1265,7 @@ async function register(ev) {
     form.reset();
     await startSession(s);
   } catch (e) {
-    formError(form, e.message);
+    formError(form, accountError(e));
   }
 }
 
@@ -1132,12 +1292,28 @@ function wire() {
   $("add-member").addEventListener("submit", addMember);
   $("leave").addEventListener("click", () => {
     const c = convs.get(openCid);
-    if (c) removeMember(c, me.user_id);
+    if (c) askConfirm(`Leave “${title(c)}”? You will no longer get its messages.`, "Yes, leave", () => removeMember(c, me.user_id));
   });
+  $("info-confirm-no").addEventListener("click", () => {
+    closeConfirm();
+    $("info-title").focus();
+  });
+  $("info-confirm-yes").addEventListener("click", () => {
+    const action = confirmAction;
+    closeConfirm();
+    $("info-title").focus();
+    action?.();
+  });
+  $("info-dialog").addEventListener("close", closeConfirm);
   $("group-info").addEventListener("click", () => {
+    const c = convs.get(openCid);
+    if (!c || c.left) return;
     $("info-dialog").querySelector(".error").textContent = "";
+    closeConfirm();
     renderInfo();
     $("info-dialog").showModal();
+    // Start on the title, not on the first "Remove …" button.
+    $("info-title").focus();
   });
   for (const b of document.querySelectorAll("[data-close]")) {
     b.addEventListener("click", () => b.closest("dialog").close());

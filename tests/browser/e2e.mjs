@@ -231,6 +231,7 @@ async function run(browser) {
   await alice.page.getByLabel("Their handle").fill(bob.handle);
   await alice.page.getByRole("button", { name: "Open chat" }).click();
   await until("Bob's name in the chat header", async () => (await alice.page.locator("#chat-title").textContent()) === "Bob");
+  await until("the message box focused after Open chat", async () => alice.page.evaluate(() => document.activeElement?.id === "text"));
   await until("Bob online", async () => (await alice.page.locator("#chat-sub").textContent()) === "online");
 
   step("Alice's message goes from sent to delivered while Bob has not opened it");
@@ -370,7 +371,8 @@ async function run(browser) {
   step("history loads older messages on scroll, without duplicates");
   await carol.page.getByRole("button", { name: "New chat" }).click();
   await carol.page.getByLabel("Their handle").fill(bob.handle);
-  await carol.page.getByRole("button", { name: "Open chat" }).click();
+  await carol.page.getByLabel("Their handle").press("Enter");
+  await until("the message box focused after Enter in New chat", async () => carol.page.evaluate(() => document.activeElement?.id === "text"));
   const lines = 56;
   await carol.page.getByLabel("Message", { exact: true }).focus();
   for (let i = 1; i <= lines; i++) {
@@ -399,19 +401,72 @@ async function run(browser) {
   step("Carol leaves the group; Alice removes Bob; both see it");
   await convButton(carol.page, "Weekend plans").click();
   await carol.page.getByRole("button", { name: "Group info" }).click();
+  await until("the group dialog opens on its title", async () => carol.page.evaluate(() => document.activeElement?.id === "info-title"));
   await carol.page.getByRole("button", { name: "Leave group" }).click();
+  await carol.page.locator("#info-dialog").getByRole("button", { name: "Yes, leave" }).click();
   await until("Carol's left note", async () => carol.page.locator("#left-note").isVisible());
   assert.equal(await carol.page.locator("#composer").isVisible(), false);
   await convButton(alice.page, "Weekend plans").click();
   await until("Carol left, at Alice's", async () => (await alice.page.locator("#messages li.system").filter({ hasText: "Carol left" }).count()) === 1);
   await alice.page.getByRole("button", { name: "Group info" }).click();
   await alice.page.getByRole("button", { name: "Remove Bob" }).click();
+  await alice.page.locator("#info-dialog").getByRole("button", { name: "Yes, remove" }).click();
   await until("Bob gone from the members", async () => !/Bob/.test(await alice.page.locator("#info-members").textContent()));
   await alice.page.keyboard.press("Escape");
   await bob.page.getByRole("button", { name: "Back to conversations" }).click();
   await convButton(bob.page, "Weekend plans").click();
   await until("Bob told he was removed", async () => (await bob.page.locator("#messages li.system").filter({ hasText: "Alice removed you" }).count()) === 1);
   await until("Bob's left note", async () => bob.page.locator("#left-note").isVisible());
+  assert.equal(await bob.page.locator("#group-info").isVisible(), false, "no Group info for a former member");
+
+  step("a former member logs in again: the group keeps its name, read-only, with no errors");
+  await carol.page.getByRole("button", { name: "Log out" }).click();
+  await until("Carol logged out", async () => carol.page.locator("#login-view").isVisible());
+  await login.getByLabel("Handle").fill(carol.handle);
+  await login.getByLabel("Password").fill(PASSWORD);
+  await login.getByRole("button", { name: "Log in" }).click();
+  await signedIn(carol, "Carol");
+  await until("the former group listed by name", async () => (await convButton(carol.page, "Weekend plans").count()) === 1);
+  await until("Carol's list loaded", async () => (await carol.page.locator("#conv-list li").count()) === 2);
+  await carol.page.waitForTimeout(500);
+  assert.equal(await convButton(carol.page, "Weekend plans").locator(".badge").count(), 0, "no unread badge on a former group");
+  await convButton(carol.page, "Weekend plans").click();
+  await until("read-only with the left note", async () => carol.page.locator("#left-note").isVisible());
+  assert.equal(await carol.page.locator("#chat-sub").textContent(), "You are no longer a member");
+  assert.equal(await carol.page.locator("#group-info").isVisible(), false);
+  assert.equal(await carol.page.locator("#composer").isVisible(), false);
+  await carol.page.waitForTimeout(300);
+  assert.equal(await carol.page.locator("#alerts .alert").count(), 0, "no error toast at Carol's");
+  assert.equal(await bob.page.locator("#alerts .alert").filter({ hasText: /member/ }).count(), 0, "no not-a-member toast at Bob's");
+
+  step("on a phone, a long display name truncates and keeps Log out on screen");
+  const erin = await person(browser, "Erin", { phone: true });
+  const erinName = "Erin with a rather long display name indeed";
+  await erin.page.goto(`${base}/`);
+  await register(erin, erinName);
+  await signedIn(erin, erinName);
+  const inView = (page, sel) => (typeof sel === "string" ? page.locator(sel) : sel).evaluate((el) => {
+    const r = el.getBoundingClientRect();
+    return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth;
+  });
+  assert.ok(await inView(erin.page, "#logout"), "Log out within the viewport");
+  assert.ok(await inView(erin.page, "#new-group"), "New group within the viewport");
+  assert.ok(await erin.page.locator("#me-name").evaluate((el) => el.scrollWidth > el.clientWidth), "the name is truncated");
+  await erin.page.getByRole("button", { name: "New chat" }).click();
+  await erin.page.getByLabel("Their handle").fill(bob.handle);
+  await erin.page.getByLabel("Their handle").press("Enter");
+  await until("Erin's message box focused", async () => erin.page.evaluate(() => document.activeElement?.id === "text"));
+  await erin.page.keyboard.insertText("Hello from Erin");
+  await erin.page.keyboard.press("Enter");
+  await waitState(erin.page, "Hello from Erin", "delivered");
+  await bob.page.getByRole("button", { name: "Back to conversations" }).click();
+  await until("Erin's chat at Bob's", async () => (await convButton(bob.page, erinName).locator(".badge").count()) === 1);
+  assert.ok(await inView(bob.page, convButton(bob.page, erinName).locator(".badge")), "the unread badge within the viewport");
+  assert.ok(await inView(bob.page, "#logout"), "Bob's Log out within the viewport");
+  await convButton(bob.page, erinName).click();
+  await until("Erin's name in Bob's chat header", async () => (await bob.page.locator("#chat-title").textContent()) === erinName);
+  assert.ok(await inView(bob.page, "#chat-title"), "the chat title within the viewport");
+  assert.ok(await inView(bob.page, "#send"), "Send within the viewport");
 
   step("logging out in one tab logs out the other");
   await tab2.bringToFront();
