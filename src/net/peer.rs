@@ -182,8 +182,11 @@ fn encode(frame: &Frame) -> Result<Vec<u8>, String> {
 }
 
 fn decode(bytes: &[u8]) -> Result<Frame, String> {
-    let (frame, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| e.to_string())?;
+    // A frame claims no more than a frame may hold: a bad length prefix inside one is
+    // an error, not an unbounded allocation.
+    let config = bincode::config::standard().with_limit::<MAX_PEER_FRAME>();
+    let (frame, used) =
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| e.to_string())?;
     if used != bytes.len() {
         return Err(format!("{} trailing bytes", bytes.len() - used));
     }

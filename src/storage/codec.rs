@@ -18,6 +18,11 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
+/// Most bytes a stored value may claim while it is decoded. Far above any real value (a
+/// message body is at most 64 KiB), and what keeps a damaged length prefix from
+/// making bincode allocate without bound (or panic on a capacity overflow).
+const DECODE_LIMIT: usize = 64 * 1024 * 1024;
+
 pub fn decode<T: DeserializeOwned>(
     tree: &'static str,
     key: &[u8],
@@ -30,9 +35,11 @@ pub fn decode<T: DeserializeOwned>(
     };
     match bytes.split_first() {
         Some((&SCHEMA_VERSION, body)) => {
-            let (value, used) =
-                bincode::serde::decode_from_slice(body, bincode::config::standard())
-                    .map_err(|e| corrupt(e.to_string()))?;
+            let (value, used) = bincode::serde::decode_from_slice(
+                body,
+                bincode::config::standard().with_limit::<DECODE_LIMIT>(),
+            )
+            .map_err(|e| corrupt(e.to_string()))?;
             if used != body.len() {
                 return Err(corrupt(format!("{} trailing bytes", body.len() - used)));
             }
@@ -97,6 +104,20 @@ mod tests {
             let cut = cut.min(bytes.len() - 1);
             prop_assert!(decode::<MessageRecord>("t", b"k", &bytes[..bytes.len() - cut]).is_err());
         }
+    }
+
+    /// Found by `corrupted_values_never_panic`: a damaged length prefix claiming
+    /// 2^64 - 1 bytes made bincode panic on a capacity overflow.
+    #[test]
+    fn a_huge_length_prefix_is_corrupt_not_a_panic() {
+        let body = "\u{b}0a0Aa\u{10000}\u{10000}a \u{800}".to_string();
+        let mut bytes = encode(&message(9, body, vec![1], Some(2))).unwrap();
+        let at = 1 + 15575951321163244449usize % (bytes.len() - 1);
+        bytes[at] = 253;
+        assert!(decode::<MessageRecord>("t", b"k", &bytes).is_err());
+        let mut string = vec![SCHEMA_VERSION, 253];
+        string.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<String>("t", b"k", &string).is_err());
     }
 
     #[test]
