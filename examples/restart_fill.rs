@@ -31,10 +31,10 @@ struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     messages: u64,
     /// Direct conversations the messages are spread over (two users each).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pairs: u64,
     /// Messages per inbox append.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     run: u64,
     /// Body bytes per message.
     #[arg(long, default_value_t = 100)]

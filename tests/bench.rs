@@ -3,10 +3,14 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+
+/// Longest a smoke run may take before it counts as hung (each runs for a second or two).
+const BENCH_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Runs `switchboard bench --addr <addrs> <args>` and returns its JSON line.
 fn bench(addrs: &[&Node], args: &[&str]) -> Value {
@@ -14,11 +18,22 @@ fn bench(addrs: &[&Node], args: &[&str]) -> Value {
         .iter()
         .map(|n| format!("127.0.0.1:{}", n.port))
         .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["bench", "--quiet", "--addr", &addr.join(",")])
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run switchboard bench");
+    let started = Instant::now();
+    while child.try_wait().expect("wait for bench").is_none() {
+        if started.elapsed() > BENCH_TIMEOUT {
+            let _ = child.kill();
+            panic!("bench {args:?} still running after {BENCH_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("bench output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -28,10 +43,6 @@ fn bench(addrs: &[&Node], args: &[&str]) -> Value {
     assert!(!stderr.trim().is_empty(), "a human summary on stderr");
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON line ({e}): {stdout}"))
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,14 +67,16 @@ async fn every_workload_runs_and_its_counts_add_up() {
         } else {
             args.extend(["--window", "2"]);
         }
+        // A plot left by the previous run must not pass for this one's.
+        let _ = std::fs::remove_file(&plot);
         let v = bench(&[&node], &args);
         assert_eq!(v["workload"], workload);
-        assert!(n(&v, "sent") > 0, "{v}");
-        assert_eq!(n(&v, "sent"), n(&v, "acked"), "{v}");
-        assert_eq!(n(&v, "sent"), n(&v, "delivered"), "{v}");
-        assert_eq!(n(&v, "lost"), 0, "{v}");
-        assert_eq!(n(&v, "errors"), 0, "{v}");
-        assert!(n(&v["latency"], "samples") > 0, "{v}");
+        assert!(u64_field(&v, "sent") > 0, "{v}");
+        assert_eq!(u64_field(&v, "sent"), u64_field(&v, "acked"), "{v}");
+        assert_eq!(u64_field(&v, "sent"), u64_field(&v, "delivered"), "{v}");
+        assert_eq!(u64_field(&v, "lost"), 0, "{v}");
+        assert_eq!(u64_field(&v, "errors"), 0, "{v}");
+        assert!(u64_field(&v["latency"], "samples") > 0, "{v}");
         assert!(
             v["cpu"]["tool_cpu_cores"].is_number(),
             "the tool reports its CPU: {v}"
@@ -86,8 +99,8 @@ async fn every_workload_runs_and_its_counts_add_up() {
             "20",
         ],
     );
-    assert_eq!(n(&v, "not_delivered_to_all"), 0, "{v}");
-    assert_eq!(n(&v["latency_to_last_device"], "samples"), 5, "{v}");
+    assert_eq!(u64_field(&v, "not_delivered_to_all"), 0, "{v}");
+    assert_eq!(u64_field(&v["latency_to_last_device"], "samples"), 5, "{v}");
     let pid = node.pid().to_string();
     let v = bench(
         &[&node],
@@ -103,7 +116,7 @@ async fn every_workload_runs_and_its_counts_add_up() {
             "0",
         ],
     );
-    assert_eq!(n(&v, "conns_delivered_after"), 30, "{v}");
+    assert_eq!(u64_field(&v, "conns_delivered_after"), 30, "{v}");
     assert!(
         v["server_kib_per_conn"].is_number(),
         "memory read with --server-pid: {v}"
@@ -112,7 +125,7 @@ async fn every_workload_runs_and_its_counts_add_up() {
         &[&node],
         &["catchup", "--messages", "300", "--senders", "2"],
     );
-    assert_eq!(n(&v, "received"), 300, "{v}");
+    assert_eq!(u64_field(&v, "received"), 300, "{v}");
 
     let nodes = Node::start_cluster(2, "sends_per_second = 100000").await;
     let v = bench(
@@ -129,6 +142,6 @@ async fn every_workload_runs_and_its_counts_add_up() {
             "0",
         ],
     );
-    assert_eq!(n(&v, "sent"), n(&v, "delivered"), "{v}");
-    assert_eq!(n(&v, "errors"), 0, "{v}");
+    assert_eq!(u64_field(&v, "sent"), u64_field(&v, "delivered"), "{v}");
+    assert_eq!(u64_field(&v, "errors"), 0, "{v}");
 }

@@ -547,10 +547,8 @@ impl UserActor {
     ) -> Reply {
         messages.sort_by_key(|m| m.seq);
         let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
-        let head = self
-            .conversations
-            .get(&conversation_id)
-            .map_or(0, |c| c.head);
+        let known = self.conversations.get(&conversation_id);
+        let head = known.map_or(0, |c| c.head);
         let (skip, take) = accept_run(head, prev, &seqs);
         if take == 0 {
             // Nothing new; answer the head once whatever made it is durable.
@@ -564,31 +562,23 @@ impl UserActor {
         };
         // A conversation is on disk once its first run is: head 0 means new to the user.
         let new_conversation = head == 0;
-        let mut updated =
-            self.conversations
-                .get(&conversation_id)
-                .cloned()
-                .unwrap_or(UserConversation {
-                    conversation_id,
-                    peer_id: peer,
-                    kind,
-                    head,
-                });
+        let mut updated = known.cloned().unwrap_or(UserConversation {
+            conversation_id,
+            peer_id: peer,
+            kind,
+            head,
+        });
         updated.head = taken.last().map_or(head, |m| m.seq);
         let upto = first + take as u64 - 1;
         // The conversation's record is written when it is new to the user (its kind and
         // peer must be on disk before any of its entries), and every head at a
         // checkpoint; otherwise the run alone records the progress.
         let checkpoint = upto - self.heads_at >= CHECKPOINT_EVERY;
-        let mut records: Vec<&UserConversation> = Vec::new();
-        if checkpoint {
-            records.extend(
-                self.dirty_heads
-                    .iter()
-                    .filter(|c| **c != conversation_id)
-                    .filter_map(|c| self.conversations.get(c)),
-            );
-        }
+        let mut records = if checkpoint {
+            self.dirty_records(Some(conversation_id))
+        } else {
+            Vec::new()
+        };
         if checkpoint || new_conversation {
             records.push(&updated);
         }
@@ -645,11 +635,7 @@ impl UserActor {
         if self.dirty_heads.is_empty() && self.heads_at >= at {
             return;
         }
-        let records: Vec<&UserConversation> = self
-            .dirty_heads
-            .iter()
-            .filter_map(|c| self.conversations.get(c))
-            .collect();
+        let records = self.dirty_records(None);
         match self
             .registry
             .store()
@@ -663,6 +649,16 @@ impl UserActor {
                 tracing::warn!(user = %self.id, error = %e, "cannot store conversation heads")
             }
         }
+    }
+
+    /// The stored records of the conversations whose head moved since the last
+    /// checkpoint, but `except` (whose record the caller writes itself).
+    fn dirty_records(&self, except: Option<ConversationId>) -> Vec<&UserConversation> {
+        self.dirty_heads
+            .iter()
+            .filter(|c| Some(**c) != except)
+            .filter_map(|c| self.conversations.get(c))
+            .collect()
     }
 
     /// Push notifications for messages others sent, while no session of ours is live.

@@ -24,24 +24,23 @@ pub struct User {
 
 /// Registers `handle` (or logs it in if it exists with this password) and logs in.
 pub async fn user(http: &reqwest::Client, addr: &str, handle: &str) -> Result<User> {
-    let base = format!("http://{addr}/api/v1");
     let body = json!({"handle": handle, "password": "bench-password"});
-    let made = http
-        .post(format!("{base}/users"))
-        .json(&body)
-        .send()
-        .await?;
+    let post = |path: &str| {
+        http.post(format!("http://{addr}/api/v1{path}"))
+            .json(&body)
+            .send()
+    };
+    let made = post("/users").await?;
     let status = made.status().as_u16();
     if status != 201 && status != 200 && status != 409 {
         bail!("POST /users {handle}: {status} {}", made.text().await?);
     }
-    let login = http
-        .post(format!("{base}/sessions"))
-        .json(&body)
-        .send()
-        .await?;
+    let login = post("/sessions").await?;
     let status = login.status().as_u16();
-    let v: Value = login.json().await?;
+    let v: Value = login
+        .json()
+        .await
+        .with_context(|| format!("POST /sessions {handle}: {status}, not JSON"))?;
     let field = |k: &str| -> Result<String> {
         v[k].as_str()
             .map(str::to_string)
@@ -82,28 +81,40 @@ pub async fn users(
     Ok(out)
 }
 
-/// Opens a WebSocket, sends `sync` from 0 and waits for `synced` (skipping the replay).
-pub async fn connect(addr: &str, token: &str) -> Result<(Tx, Rx)> {
+/// How long a connection may take to open, or to answer its `sync` with `synced`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens a WebSocket and sends `sync` from 0; what follows is the replay, then `synced`.
+pub async fn open(addr: &str, token: &str) -> Result<(Tx, Rx)> {
     let url = format!("ws://{addr}/api/v1/ws?token={token}");
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .context("WebSocket connect timed out")??;
-    let (mut tx, mut rx) = ws.split();
+    let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+        .await
+        .context("WebSocket connect timed out")??;
+    let (mut tx, rx) = ws.split();
     tx.send(Message::Text(
         json!({"type": "sync", "after": 0}).to_string(),
     ))
     .await?;
-    loop {
-        let frame = next_json(&mut rx)
-            .await?
-            .ok_or_else(|| anyhow!("closed before synced"))?;
-        if frame["type"] == "synced" {
-            return Ok((tx, rx));
+    Ok((tx, rx))
+}
+
+/// Opens a WebSocket and waits for `synced` (skipping the replay).
+pub async fn connect(addr: &str, token: &str) -> Result<(Tx, Rx)> {
+    let (tx, mut rx) = open(addr, token).await?;
+    let synced = async {
+        loop {
+            let frame = next_json(&mut rx)
+                .await?
+                .ok_or_else(|| anyhow!("closed before synced"))?;
+            if frame["type"] == "synced" {
+                return Ok::<_, anyhow::Error>(());
+            }
         }
-    }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, synced)
+        .await
+        .context("no `synced` answer to `sync`")??;
+    Ok((tx, rx))
 }
 
 /// The next JSON frame (`None` when the connection ended).

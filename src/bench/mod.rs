@@ -63,6 +63,15 @@ pub struct Pairs {
     pub warmup: u64,
 }
 
+/// A `--rate`: messages per second, finite and above 0 (a schedule is built from it).
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("the rate must be a number of messages per second above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Subcommand, Debug, Clone)]
 pub enum Workload {
     /// N users in pairs; each sender keeps W messages in flight.
@@ -71,7 +80,7 @@ pub enum Workload {
     Latency {
         #[arg(long, default_value_t = 200)]
         users: usize,
-        #[arg(long, default_value_t = 1000.0)]
+        #[arg(long, default_value_t = 1000.0, value_parser = positive_rate)]
         rate: f64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
@@ -85,7 +94,7 @@ pub enum Workload {
         members: usize,
         #[arg(long, default_value_t = 100)]
         messages: usize,
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = positive_rate)]
         rate: f64,
     },
     /// C authenticated idle connections (over `--users` users); the server's memory per

@@ -225,7 +225,8 @@ async fn pairs(
         "sent": sent,
         "acked": counts.acked.load(Ordering::Relaxed),
         "delivered": delivered,
-        "lost": sent.saturating_sub(delivered),
+        // Stored (acked) but never seen by the recipient; refused sends are not lost.
+        "lost": counts.acked.load(Ordering::Relaxed).saturating_sub(delivered),
         "errors": counts.errors.load(Ordering::Relaxed),
         "rate_limited": counts.rate_limited.load(Ordering::Relaxed),
         "latency": latency_json(&h),
@@ -339,9 +340,14 @@ async fn recipient(
 ) -> Result<()> {
     let mut local = histogram();
     let stop = t0 + end + Duration::from_secs(10);
+    // Every send has its outcome (acked or refused) and every acked one arrived.
     let all_in = || {
+        let acked = counts.acked.load(Ordering::Relaxed);
+        let refused =
+            counts.errors.load(Ordering::Relaxed) + counts.rate_limited.load(Ordering::Relaxed);
         t0.elapsed() >= end
-            && counts.delivered.load(Ordering::Relaxed) >= counts.sent.load(Ordering::Relaxed)
+            && acked + refused >= counts.sent.load(Ordering::Relaxed)
+            && counts.delivered.load(Ordering::Relaxed) >= acked
     };
     loop {
         if Instant::now() >= stop || all_in() {
@@ -704,13 +710,7 @@ async fn catchup(common: &Common, messages: usize, senders: usize) -> Result<()>
     // Now the reader comes online and syncs everything.
     let cpu = CpuMeter::start(common.server_pid);
     let started = Instant::now();
-    let url = format!("ws://{}/api/v1/ws?token={}", common.addr[0], reader.token);
-    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
-    tx.send(Message::Text(
-        json!({"type": "sync", "after": 0}).to_string(),
-    ))
-    .await?;
+    let (mut tx, mut rx) = client::open(&common.addr[0], &reader.token).await?;
     let bar = report::progress(messages as u64, "syncing", common.quiet);
     let mut got = 0usize;
     let mut synced_at = None;

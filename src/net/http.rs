@@ -123,7 +123,7 @@ fn no_such_endpoint() -> ApiError {
     ApiError::new(404, "not_found", "no such endpoint")
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+pub(super) async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::new(
         405,
         "method_not_allowed",

@@ -18,8 +18,6 @@ use std::sync::OnceLock;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::api::ApiError;
-
 /// One embedded file and the path it is served at.
 pub struct Asset {
     pub path: &'static str,
@@ -70,7 +68,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::resource(asset.path)
                 .route(web::get().to(move |req: HttpRequest| serve(index, req)))
                 .route(web::head().to(move |req: HttpRequest| serve(index, req)))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(web::to(super::http::method_not_allowed)),
         );
     }
 }
@@ -121,14 +119,6 @@ async fn serve(index: usize, req: HttpRequest) -> HttpResponse {
     answer.content_type(asset.content_type).body(asset.body)
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
-        405,
-        "method_not_allowed",
-        "method not allowed on this endpoint",
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,11 +133,9 @@ mod tests {
         Error = actix_web::Error,
     > {
         http_test::init_service(
-            App::new()
-                .configure(routes)
-                .default_service(web::to(|| async {
-                    Err::<HttpResponse, _>(ApiError::new(404, "not_found", "no such endpoint"))
-                })),
+            // The node's real routing (API, web files, the 404 default), so what
+            // falls through here is what a client would get.
+            App::new().configure(super::super::http::routes),
         )
         .await
     }
