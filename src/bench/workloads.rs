@@ -435,26 +435,11 @@ async fn fanout(common: &Common, members: usize, messages: usize, rate: f64) -> 
     }
     // Every device connected and synced (a device that failed ends the run)...
     let connecting = report::progress(members as u64, "connecting", common.quiet);
-    while (connected.load(Ordering::Relaxed) as usize) < all.len() {
-        if let Some(d) = devices.iter_mut().find(|d| d.is_finished()) {
-            d.await??;
-            bail!("a member device disconnected");
-        }
-        connecting.set_position(connected.load(Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_connected(&mut devices, &connected, all.len(), &connecting).await?;
     connecting.finish_and_clear();
     // ...then a probe message that every one of them must get before the clock starts.
-    let (mut tx, mut rx) = client::connect(&common.addr[0], &all[0].token).await?;
-    let acks = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Ok(Some(frame)) = next_json(&mut rx).await {
-            if frame["type"] == "ack" {
-                n += 1;
-            }
-        }
-        n
-    });
+    let (mut tx, rx) = client::connect(&common.addr[0], &all[0].token).await?;
+    let acks = count_acks(rx);
     let probe = json!({"conversation_id": conversation});
     tx.send(send_frame(&probe, 0, common.body)).await?;
     let mut got_probe = 0;
@@ -585,36 +570,19 @@ async fn idle(
             Ok::<_, anyhow::Error>(())
         }));
     }
-    while (opened.load(Ordering::Relaxed) as usize) < conns {
-        bar.set_position(opened.load(Ordering::Relaxed));
-        if tasks.iter().any(|t| t.is_finished()) {
-            for t in tasks.iter_mut().filter(|t| t.is_finished()) {
-                (&mut *t).await??;
-            }
-            bail!("a connection ended before the run");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_connected(&mut tasks, &opened, conns, &bar).await?;
     bar.finish_and_clear();
     tokio::time::sleep(Duration::from_secs(hold)).await;
     let rss_after = common.server_pid.and_then(report::process_rss_kib);
     let cpu = CpuMeter::start(common.server_pid);
     // One message to every user: every one of its connections must get it.
     let started = Instant::now();
-    let (mut tx, mut rx) = client::connect(&common.addr[0], &sender.token).await?;
+    let (mut tx, rx) = client::connect(&common.addr[0], &sender.token).await?;
     for u in receivers {
         tx.send(send_frame(&json!({"to_user": u.id}), 0, common.body))
             .await?;
     }
-    let acks = tokio::spawn(async move {
-        let mut n = 0;
-        while let Ok(Some(frame)) = next_json(&mut rx).await {
-            if frame["type"] == "ack" {
-                n += 1;
-            }
-        }
-        n
-    });
+    let acks = count_acks(rx);
     let mut delivered = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while delivered.len() < conns && Instant::now() < deadline {
@@ -755,4 +723,36 @@ async fn catchup(common: &Common, messages: usize, senders: usize) -> Result<()>
         bail!("only {got} of {messages} messages arrived");
     }
     Ok(())
+}
+
+/// Waits until `connected` reaches `n`, showing it on `bar`; a connection task that
+/// ended before then (failed, or closed by the server) ends the run with its error.
+async fn wait_connected(
+    tasks: &mut [tokio::task::JoinHandle<Result<()>>],
+    connected: &AtomicU64,
+    n: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    while (connected.load(Ordering::Relaxed) as usize) < n {
+        bar.set_position(connected.load(Ordering::Relaxed));
+        if let Some(t) = tasks.iter_mut().find(|t| t.is_finished()) {
+            t.await??;
+            bail!("a connection ended before the run");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Counts the `ack` frames on `rx` until the connection ends.
+fn count_acks(mut rx: Rx) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok(Some(frame)) = next_json(&mut rx).await {
+            if frame["type"] == "ack" {
+                n += 1;
+            }
+        }
+        n
+    })
 }
